@@ -1,0 +1,24 @@
+"""maxdrop: a PyTorch Lightning research framework for MaxDropout and its peers."""
+
+from maxdrop.layers import (
+    SCOPES,
+    MaxDropout,
+    MaxDropoutV2,
+    max_dropout,
+    max_dropout_mask,
+    max_dropout_v2,
+    max_dropout_v2_mask,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SCOPES",
+    "MaxDropout",
+    "MaxDropoutV2",
+    "__version__",
+    "max_dropout",
+    "max_dropout_mask",
+    "max_dropout_v2",
+    "max_dropout_v2_mask",
+]

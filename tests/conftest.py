@@ -1,0 +1,17 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpeg() -> Path:
+    """The real CIFAR-10 as a JPEG image-folder tarball, beside the project (always there in CI)."""
+    if not CIFAR10_JPEG.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CIFAR10_JPEG} is missing in CI, where it must be present")
+        pytest.skip(f"real CIFAR-10 not found at {CIFAR10_JPEG} (expected beside the project in ../shared/data)")
+    return CIFAR10_JPEG
