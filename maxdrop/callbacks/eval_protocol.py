@@ -1,0 +1,44 @@
+"""Evaluate with MaxDropout left on, as the authors' published test errors were measured."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from torch import nn
+
+from maxdrop.layers import MaxDropout, MaxDropoutV2
+
+
+def set_active_in_eval(module: nn.Module, active: bool = True) -> int:
+    """Set ``active_in_eval`` on every MaxDropout/MaxDropoutV2 inside ``module``; returns how many."""
+    layers = [m for m in module.modules() if isinstance(m, (MaxDropout, MaxDropoutV2))]
+    for layer in layers:
+        layer.active_in_eval = active
+    return len(layers)
+
+
+class MaxDropoutActiveInEval(pl.Callback):
+    """Keeps every MaxDropout layer dropping during validation, test and predict.
+
+    The authors' code builds a fresh MaxDropout inside ``forward()``, so ``model.eval()`` never
+    switched it off and the paper's test errors were measured with MaxDropout active. Add this
+    callback to a ``maxdrop test`` run to measure under that protocol::
+
+        maxdrop test --config run.yaml --ckpt_path best \\
+            --trainer.callbacks+=maxdrop.callbacks.MaxDropoutActiveInEval
+    """
+
+    def _on(self, pl_module: pl.LightningModule) -> None:
+        if set_active_in_eval(pl_module, True) == 0:
+            raise ValueError(
+                "MaxDropoutActiveInEval: the model has no MaxDropout or MaxDropoutV2 layer to keep active; "
+                "remove the callback or fill a dropout slot with maxdrop.MaxDropout"
+            )
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._on(pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._on(pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._on(pl_module)

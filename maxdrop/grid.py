@@ -1,0 +1,132 @@
+"""`maxdrop grid`: run configs x seeds through the CLI, one run folder each, resumably.
+
+    maxdrop grid configs/a.yaml configs/b.yaml --seeds 0 1 2 --root lightning_logs/study -- --trainer.max_epochs 10
+
+Each (config, seed) lands in ``<root>/<config stem>/seed_<seed>/`` (the fit's config.yaml, event files,
+checkpoints), its test pass in ``test/`` and, with ``--active-in-eval``, a second test pass with
+MaxDropout left on (the authors' protocol) in ``test_active_in_eval/``. A run that finished has a
+``finished.json`` and is skipped; an interrupted one resumes from its ``last.ckpt`` (or starts over
+when it had none), so rerunning the same command after a crash or a kill completes the grid.
+On a cluster, ``--index I`` runs only the I-th pair (``--list`` prints them): one SLURM array task each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FINISHED = "finished.json"
+
+
+def _logger(root: Path, name: str, version: str, sub_dir: str | None = None) -> str:
+    init = {"save_dir": str(root), "name": name, "version": version}
+    if sub_dir:
+        init["sub_dir"] = sub_dir
+    return json.dumps({"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": init})
+
+
+def pairs(configs: list[Path], seeds: list[int]) -> list[tuple[Path, int]]:
+    stems = [c.stem for c in configs]
+    dup = {s for s in stems if stems.count(s) > 1}
+    if dup:
+        raise ValueError(f"config names must be unique (they name the run folders); repeated: {', '.join(sorted(dup))}")
+    return [(c, s) for c in configs for s in seeds]
+
+
+def commands(config: Path, seed: int, root: Path, extra: list[str], active_in_eval: bool) -> list[list[str]]:
+    """The CLI calls of one run: fit (resuming if it can), test, and the authors' eval protocol."""
+    name, version = config.stem, f"seed_{seed}"
+    run_dir = root / name / version
+    last = run_dir / "checkpoints" / "last.ckpt"
+    base = [sys.executable, "-m", "maxdrop", None, "--config", str(config), *extra, "--seed_everything", str(seed)]
+
+    def cli(sub: str, *args: str) -> list[str]:
+        cmd = list(base)
+        cmd[3] = sub
+        return cmd + list(args)
+
+    fit = cli("fit", "--trainer.logger", _logger(root, name, version))
+    if last.exists():
+        fit += ["--ckpt_path", str(last)]
+    test = cli("test", "--trainer.logger", _logger(root, name, version, "test"), "--ckpt_path", str(last))
+    cmds = [fit, test]
+    if active_in_eval:
+        cmds.append(
+            cli(
+                "test",
+                "--trainer.logger",
+                _logger(root, name, version, "test_active_in_eval"),
+                "--trainer.callbacks+=maxdrop.callbacks.MaxDropoutActiveInEval",
+                "--ckpt_path",
+                str(last),
+            )
+        )
+    return cmds
+
+
+def run_one(config: Path, seed: int, root: Path, extra: list[str], active_in_eval: bool) -> bool:
+    run_dir = root / config.stem / f"seed_{seed}"
+    if (run_dir / FINISHED).exists():
+        print(f"[grid] done already: {run_dir}", flush=True)
+        return True
+    if run_dir.exists() and not (run_dir / "checkpoints" / "last.ckpt").exists():
+        # Interrupted before its first checkpoint: its partial logs would pollute the report.
+        shutil.rmtree(run_dir)
+    for sub in ("test", "test_active_in_eval"):
+        shutil.rmtree(run_dir / sub, ignore_errors=True)  # a test pass is redone whole
+    start = time.time()
+    for cmd in commands(config, seed, root, extra, active_in_eval):
+        print(f"[grid] {' '.join(cmd[3:6])} seed {seed} -> {run_dir}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            print(f"[grid] FAILED: {config} seed {seed} (rerun the same command to retry)", file=sys.stderr)
+            return False
+    tmp = run_dir / (FINISHED + ".tmp")
+    tmp.write_text(json.dumps({"config": str(config), "seed": seed, "seconds": time.time() - start}))
+    tmp.replace(run_dir / FINISHED)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    parser = argparse.ArgumentParser(prog="maxdrop grid", description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="+", type=Path)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--root", type=Path, default=Path("lightning_logs/grid"))
+    parser.add_argument("--active-in-eval", action="store_true", help="also test with MaxDropout on in eval")
+    parser.add_argument("--index", type=int, help="run only the I-th (config, seed) pair, e.g. SLURM_ARRAY_TASK_ID")
+    parser.add_argument("--list", action="store_true", help="print the (config, seed) pairs with their index")
+    args = parser.parse_args(argv)
+    missing = [str(c) for c in args.configs if not c.is_file()]
+    if missing:
+        print(f"maxdrop grid: error: config file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        todo = pairs(args.configs, args.seeds)
+    except ValueError as e:
+        print(f"maxdrop grid: error: {e}", file=sys.stderr)
+        return 2
+    if args.list:
+        for i, (c, s) in enumerate(todo):
+            print(f"{i}\t{c}\tseed {s}")
+        return 0
+    if args.index is not None:
+        if not 0 <= args.index < len(todo):
+            print(f"maxdrop grid: error: --index {args.index} is outside 0..{len(todo) - 1}", file=sys.stderr)
+            return 2
+        todo = [todo[args.index]]
+    failed = [(c, s) for c, s in todo if not run_one(c, s, args.root, extra, args.active_in_eval)]
+    print(f"[grid] {len(todo) - len(failed)} of {len(todo)} runs finished", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
