@@ -1,0 +1,394 @@
+"""CIFAR-10/100 LightningDataModule with a whole-split tensor fast path and a torch DataLoader path."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from maxdrop.data.augment import AugmentConfig, apply_batch, image_transform, sample_params
+from maxdrop.data.cache import default_cache_dir, load_or_decode
+from maxdrop.data.sources import DATASETS, Decoded, check_dataset, find_source
+
+__all__ = ["LOADERS", "CIFARDataModule", "RawBatch", "TensorLoader"]
+
+#: ``tensor``: the whole split as one uint8 tensor, batches by index_select, augmentation batched on the
+#: batch's device. ``dataloader``: torch DataLoader, per-image torchvision transforms v2 in the workers.
+LOADERS = ("tensor", "dataloader")
+
+# Streams of the (seed, epoch, rank, ...) seed derivation; fixed forever so that runs stay reproducible.
+_SHUFFLE, _AUGMENT = 1, 2
+
+
+def derive_seed(*key: int) -> int:
+    """A 63-bit seed from a tuple of non-negative ints (stable across processes and platforms)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+class RawBatch(NamedTuple):
+    """What the tensor path's loaders yield; ``CIFARDataModule.on_after_batch_transfer`` turns it into
+    ``(images, labels)``.
+
+    Attributes:
+        images: uint8 (N, 3, 32, 32), not yet augmented or normalized.
+        labels: int64 (N,).
+        params: augmentation parameters of this batch (:func:`maxdrop.data.augment.sample_params`);
+            None for evaluation batches.
+    """
+
+    images: Tensor
+    labels: Tensor
+    params: dict[str, Tensor] | None
+
+
+class TensorLoader:
+    """Batches of a split held as one uint8 tensor, sharded over DDP ranks by the loader itself.
+
+    Train (``shuffle=True``): each epoch, one permutation of the split drawn from a generator seeded by
+    (seed, epoch) (the same on every rank), padded by wrapping around to a multiple of the world size
+    (as ``DistributedSampler`` does), and rank r takes every world_size-th index from r. Every rank
+    therefore yields the same number of batches, and every sample is seen at least once per epoch
+    (exactly once when the split divides by the world size). Augmentation parameters of batch b come
+    from a generator seeded by (seed, epoch, rank, b): nothing depends on global RNG state, so epoch k's
+    batches are identical whether training ran straight or resumed at k.
+
+    Eval (``shuffle=False``): rank r takes samples r, r + world_size, ... (each sample exactly once
+    across ranks, no padding), cut into the same number of batches on every rank.
+
+    The epoch is read from the trainer when iteration starts (``trainer.current_epoch``); without a
+    trainer it is the value given to :meth:`set_epoch`, else the number of iterations started so far.
+    """
+
+    def __init__(
+        self,
+        datamodule: CIFARDataModule,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool = False,
+    ) -> None:
+        self.dm = datamodule
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self._epoch: int | None = None
+        self._iterations = 0
+        self._skip = 0  # batches to skip at the next iteration (mid-epoch resume)
+        self._yielded = 0
+        self._iter_epoch = 0
+
+    # -- epoch, rank, resume
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pin the epoch used for shuffling and augmentation (only needed without a trainer)."""
+        self._epoch = int(epoch)
+
+    def _current_epoch(self) -> int:
+        trainer = self.dm._trainer_or_none()
+        if trainer is not None:
+            return int(trainer.current_epoch)
+        return self._epoch if self._epoch is not None else self._iterations
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the current epoch (Lightning stores it in checkpoints for mid-epoch resume)."""
+        return {"epoch": self._iter_epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Make the next iteration skip the batches the saved run had already consumed."""
+        self._skip = int(state.get("batches", 0))
+
+    # -- indices
+
+    def _indices(self, epoch: int, rank: int, world: int) -> list[Tensor]:
+        n = len(self.labels)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.dm.seed, _SHUFFLE, epoch))
+            perm = torch.randperm(n, generator=g)
+            per_rank = math.ceil(n / world)
+            if per_rank * world > n:  # wrap around so every rank gets the same count
+                perm = torch.cat([perm, perm[: per_rank * world - n]])
+            shard = perm[rank::world]
+            batches = list(shard.split(self.batch_size))
+            if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+                batches.pop()
+            return batches
+        shard = torch.arange(rank, n, world)
+        n_batches = math.ceil(math.ceil(n / world) / self.batch_size)
+        batches = list(shard.split(self.batch_size))
+        # A shard one sample short of the longest can end one batch early: split its last batch in two so
+        # that all ranks run the same number of eval steps (collectives inside eval steps stay matched).
+        if len(batches) == n_batches - 1 and batches and len(batches[-1]) >= 2:
+            last = batches.pop()
+            batches += list(last.tensor_split(2))
+        return batches
+
+    def __len__(self) -> int:
+        rank, world = self.dm._rank_world()
+        return len(self._indices(0, rank, world)) if not self.shuffle else self._train_len(world)
+
+    def _train_len(self, world: int) -> int:
+        per_rank = math.ceil(len(self.labels) / world)
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[RawBatch]:
+        epoch = self._current_epoch()
+        self._iterations += 1
+        rank, world = self.dm._rank_world()
+        images, labels = self.dm._on_device(self.images), self.dm._on_device(self.labels)
+        pin = self.dm.pin_memory and images.device.type == "cpu" and torch.cuda.is_available()
+        skip, self._skip = self._skip, 0
+        self._iter_epoch, self._yielded = epoch, skip
+        for b, idx in enumerate(self._indices(epoch, rank, world)):
+            if b < skip:
+                continue
+            idx = idx.to(images.device, non_blocking=True)
+            x, y = images.index_select(0, idx), labels.index_select(0, idx)
+            if pin:
+                x, y = x.pin_memory(), y.pin_memory()
+            params = None
+            if self.shuffle:
+                g = torch.Generator().manual_seed(derive_seed(self.dm.seed, _AUGMENT, epoch, rank, b))
+                params = sample_params(self.dm.augment, len(idx), g, tuple(images.shape[-2:]))
+            self._yielded = b + 1
+            yield RawBatch(x, y, params)
+
+
+class _UInt8Images(Dataset):
+    """Map-style dataset over uint8 (N, 3, H, W) images with a per-image transform."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: torch.nn.Module) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        from torchvision import tv_tensors
+
+        return self.transform(tv_tensors.Image(self.images[i])).as_subclass(Tensor), self.labels[i]
+
+
+class _EvalShardSampler(DistributedSampler):
+    """Rank r gets r, r + world, ...: every sample exactly once across ranks (no padding).
+
+    A DistributedSampler subclass so that Lightning keeps it instead of injecting its own padded one.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class CIFARDataModule(pl.LightningDataModule):
+    """CIFAR-10 / CIFAR-100 for Lightning, from official files, official archives or image folders.
+
+    Batches reaching ``training_step`` etc. are ``(images, labels)``: images float32 (N, 3, 32, 32)
+    augmented (train only) and normalized, labels int64 (N,). ``batch_size`` is per device: with DDP on
+    W processes a step sees W x batch_size images. Each rank gets its own shard (see :class:`TensorLoader`;
+    the DataLoader path uses ``DistributedSampler`` for train and an unpadded shard sampler for eval).
+
+    Args:
+        dataset: ``"cifar10"`` or ``"cifar100"``.
+        data_dir: a folder or archive: the official torchvision layout (``cifar-10-batches-py/``,
+            ``cifar-100-python/``) or archive (``cifar-10-python.tar.gz``, ...), a folder holding one, an
+            image-folder tree ``train/<class>/*`` + ``test/<class>/*`` or a ``.tar``/``.tar.gz`` of one.
+        download: download the official archive into ``data_dir`` with torchvision if it is not there
+            (once per node, in ``prepare_data``).
+        batch_size: training batch size per device.
+        eval_batch_size: validation/test/predict batch size per device; None = ``batch_size``.
+        val_size: images held out of the train split for validation (seeded by ``split_seed``); 0 =
+            validate on the test split.
+        split_seed: seed of the train/validation split (the same on every rank and run).
+        seed: seed of the shuffle order and augmentation (tensor path); None = ``$PL_GLOBAL_SEED``
+            (set by ``seed_everything``) or 0.
+        loader: ``"tensor"`` (whole split as one uint8 tensor, batch-wise augmentation on the batch's
+            device) or ``"dataloader"`` (torch DataLoader with per-image torchvision transforms v2).
+        num_workers: DataLoader worker processes (``"dataloader"`` only).
+        pin_memory: pin batches in page-locked memory for faster copies to a GPU.
+        data_on_device: tensor path: keep the uint8 splits on the accelerator (150 MB for CIFAR) so that
+            batches are gathered there, with no host-to-device copy per step.
+        drop_last: drop the last incomplete training batch of each epoch.
+        augment: augmentation settings overriding the defaults of
+            :class:`~maxdrop.data.augment.AugmentConfig` (random crop with padding 4 and horizontal flip
+            on; Cutout and RandomErasing off; normalization with the dataset's mean/std on). Keys:
+            crop_padding, hflip, cutout_holes, cutout_length, erasing_p, erasing_scale, erasing_ratio,
+            erasing_value, normalize, mean, std.
+        cache_dir: folder of decoded caches; None = ``$MAXDROP_CACHE`` or ``~/.cache/maxdrop``.
+        cache: cache decoded images (off: decode the source on every ``setup``).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "cifar10",
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        seed: int | None = None,
+        loader: str = "tensor",
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        data_on_device: bool = True,
+        drop_last: bool = False,
+        augment: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
+        cache: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dataset = check_dataset(dataset)
+        if loader not in LOADERS:
+            raise ValueError(f"unknown loader {loader!r}; allowed: {', '.join(map(repr, LOADERS))}")
+        for name, v, lo in (("batch_size", batch_size, 1), ("val_size", val_size, 0), ("num_workers", num_workers, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
+            raise ValueError(f"eval_batch_size must be null or an integer >= 1, got {eval_batch_size!r}")
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.download = download
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.seed = int(seed if seed is not None else os.environ.get("PL_GLOBAL_SEED", 0))
+        self.loader = loader
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.data_on_device = data_on_device
+        self.drop_last = drop_last
+        self.augment = AugmentConfig.from_mapping(augment)
+        self.cache_dir = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) if cache else None
+        self.num_classes: int = DATASETS[self.dataset].num_classes
+        self.classes: list[str] | None = None
+        self.mean: Tensor | None = None
+        self.std: Tensor | None = None
+        self._splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self._device_copies: dict[tuple[int, str], Tensor] = {}
+
+    # ------------------------------------------------------------------ trainer helpers
+
+    def _trainer_or_none(self) -> pl.Trainer | None:
+        return self.trainer if getattr(self, "trainer", None) is not None else None
+
+    def _rank_world(self) -> tuple[int, int]:
+        t = self._trainer_or_none()
+        return (int(t.global_rank), int(t.world_size)) if t is not None else (0, 1)
+
+    def _on_device(self, t: Tensor) -> Tensor:
+        """``t`` on the trainer's accelerator when ``data_on_device`` (copied once), else ``t``."""
+        trainer = self._trainer_or_none()
+        if not self.data_on_device or trainer is None:
+            return t
+        dev = trainer.strategy.root_device
+        if dev.type == "cpu":
+            return t
+        key = (id(t), str(dev))
+        if key not in self._device_copies:
+            self._device_copies[key] = t.to(dev)
+        return self._device_copies[key]
+
+    # ------------------------------------------------------------------ data
+
+    def prepare_data(self) -> None:
+        """Download (if asked) and build the decode cache; Lightning runs this once per node."""
+        if self.download:
+            import torchvision.datasets as tvd
+
+            cls = getattr(tvd, DATASETS[self.dataset].tv_class)
+            for train in (True, False):
+                cls(self.data_dir, train=train, download=True)
+        if self.cache_dir is not None:
+            load_or_decode(find_source(self.dataset, self.data_dir), self.dataset, self.cache_dir)
+
+    def load(self) -> Decoded:
+        """The whole dataset decoded (from the cache when valid)."""
+        decoded, _ = load_or_decode(find_source(self.dataset, self.data_dir), self.dataset, self.cache_dir)
+        return decoded
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the data and make the train/val split (every rank; cheap after the first call)."""
+        if self._splits:
+            return
+        d = self.load()
+        n = len(d.train_labels)
+        if self.val_size >= n:
+            raise ValueError(f"val_size={self.val_size} must be smaller than the train split ({n} images)")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = perm[: self.val_size].sort().values, perm[self.val_size :].sort().values
+        test = (d.test_images, d.test_labels)
+        self._splits = {
+            "train": (d.train_images[train_idx], d.train_labels[train_idx]),
+            "val": (d.train_images[val_idx], d.train_labels[val_idx]) if self.val_size else test,
+            "test": test,
+        }
+        self.classes = d.classes
+        self.mean = torch.tensor(self.augment.mean, dtype=torch.float64) if self.augment.mean else d.mean.clone()
+        self.std = torch.tensor(self.augment.std, dtype=torch.float64) if self.augment.std else d.std.clone()
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """(uint8 images (N, 3, 32, 32), int64 labels (N,)) of ``"train"``, ``"val"`` or ``"test"``."""
+        if not self._splits:
+            self.setup()
+        return self._splits[name]
+
+    # ------------------------------------------------------------------ loaders
+
+    def _loader(self, name: str, train: bool) -> TensorLoader | DataLoader:
+        images, labels = self.split(name)
+        bs = self.batch_size if train else self.eval_batch_size
+        if self.loader == "tensor":
+            return TensorLoader(self, images, labels, bs, shuffle=train, drop_last=train and self.drop_last)
+        ds = _UInt8Images(images, labels, image_transform(self.augment, self.mean.tolist(), self.std.tolist(), train))
+        rank, world = self._rank_world()
+        sampler = _EvalShardSampler(ds, world, rank) if not train and world > 1 else None
+        return DataLoader(
+            ds,
+            batch_size=bs,
+            shuffle=train,
+            sampler=sampler,
+            drop_last=train and self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> TensorLoader | DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> TensorLoader | DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> TensorLoader | DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> TensorLoader | DataLoader:
+        return self._loader("test", train=False)
+
+    # ------------------------------------------------------------------ batch transform
+
+    def transform_batch(self, batch: Any) -> Any:
+        """A tensor-path :class:`RawBatch` -> ``(images float32 (N, 3, 32, 32), labels int64 (N,))`` on its
+        device (augmented if it carries params); other batches pass unchanged."""
+        if isinstance(batch, RawBatch):
+            if self.mean is None:
+                self.setup()
+            return apply_batch(batch.images, batch.params, self.augment, self.mean, self.std), batch.labels
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.transform_batch(batch)

@@ -1,0 +1,507 @@
+"""CIFARDataModule: sources, cache, split, augmentation, sharding, Lightning integration, the real data."""
+
+from __future__ import annotations
+
+import math
+import os
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from data_helpers import (
+    CIFAR10_CLASSES,
+    expected_split,
+    official_batches,
+    tree_files,
+    write_image_tarball,
+    write_image_tree,
+    write_official_archive,
+    write_official_dir,
+)
+from torch import nn
+
+import maxdrop.data.cache as cache_mod
+from maxdrop.data import AugmentConfig, CIFARDataModule, DataSourceError, RawBatch, apply_batch, sample_params
+from maxdrop.data.augment import cutout_mask
+from maxdrop.data.cifar import TensorLoader
+
+
+def dm_for(path: Path, tmp_path: Path, **kw) -> CIFARDataModule:
+    kw.setdefault("val_size", 0)
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    return CIFARDataModule(data_dir=str(path), **kw)
+
+
+def official_expected(dataset: str, n_train: int, n_test: int) -> tuple[np.ndarray, ...]:
+    files = official_batches(dataset, n_train, n_test)
+    key = b"labels" if dataset == "cifar10" else b"fine_labels"
+    train = ["train"] if dataset == "cifar100" else [f"data_batch_{i}" for i in range(1, 6)]
+    test = "test" if dataset == "cifar100" else "test_batch"
+    tx = np.concatenate([files[f][b"data"] for f in train]).reshape(-1, 3, 32, 32)
+    ty = np.concatenate([files[f][key] for f in train])
+    return tx, ty, files[test][b"data"].reshape(-1, 3, 32, 32), np.asarray(files[test][key])
+
+
+def fake_trainer(rank: int = 0, world: int = 1, epoch: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(
+        global_rank=rank,
+        world_size=world,
+        current_epoch=epoch,
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+    )
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("form", ["folder", "parent", "archive", "archive-parent"])
+def test_official_layouts_decode_exactly(tmp_path, dataset, form):
+    if form in ("folder", "parent"):
+        folder = write_official_dir(tmp_path / "root", dataset, n_train=50, n_test=20)
+        path = folder if form == "folder" else folder.parent
+    else:
+        name = "cifar-10-python.tar.gz" if dataset == "cifar10" else "cifar-100-python.tar.gz"
+        archive = write_official_archive(tmp_path / "root" / name, dataset, n_train=50, n_test=20)
+        path = archive if form == "archive" else archive.parent
+    dm = dm_for(path, tmp_path, dataset=dataset)
+    assert dm.num_classes == (10 if dataset == "cifar10" else 100)
+    dm.setup("fit")
+    tx, ty, sx, sy = official_expected(dataset, 50, 20)
+    x, y = dm.split("train")
+    assert x.dtype == torch.uint8 and y.dtype == torch.int64 and x.shape == (50, 3, 32, 32)
+    np.testing.assert_array_equal(x.numpy(), tx)
+    np.testing.assert_array_equal(y.numpy(), ty)
+    x, y = dm.split("test")
+    np.testing.assert_array_equal(x.numpy(), sx)
+    np.testing.assert_array_equal(y.numpy(), sy)
+    if dataset == "cifar10":
+        assert dm.classes == CIFAR10_CLASSES
+    else:
+        assert dm.classes[:2] == ["class000", "class001"] and len(dm.classes) == 100
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_image_folder_tree_and_tarball(tmp_path, packed):
+    classes = ["cat", "airplane", "dog"] + [f"z{i}" for i in range(7)]  # written unsorted on purpose
+    files = tree_files(classes, {"train": 3, "test": 2})
+    if packed:
+        path = write_image_tarball(tmp_path / "imgs.tar.gz", files)
+    else:
+        path = write_image_tree(tmp_path / "imgs" / "cifar10-png", files).parent  # one folder below
+    dm = dm_for(path, tmp_path)
+    dm.setup("fit")
+    assert dm.classes == sorted(classes)
+    for split in ("train", "test"):
+        want_x, want_y = expected_split(files, split)
+        x, y = dm.split(split)
+        np.testing.assert_array_equal(x.numpy(), want_x)  # PNG: lossless
+        np.testing.assert_array_equal(y.numpy(), want_y)
+
+
+def test_jpeg_tarball_decodes_close_to_the_pixels(tmp_path):
+    files = tree_files(CIFAR10_CLASSES, {"train": 2, "test": 1}, fmt="JPEG")
+    path = write_image_tarball(tmp_path / "c.tar.gz", files, fmt="JPEG")
+    dm = dm_for(path, tmp_path)
+    x, y = dm.split("train")
+    want_x, want_y = expected_split(files, "train")
+    np.testing.assert_array_equal(y.numpy(), want_y)
+    assert np.abs(x.numpy().astype(int) - want_x).mean() < 12  # lossy, but the same picture
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_dataset_and_loader_and_sizes(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown dataset 'cifar1000'.*'cifar10', 'cifar100'"):
+        CIFARDataModule(dataset="cifar1000")
+    with pytest.raises(ValueError, match=r"unknown loader 'fast'.*'tensor', 'dataloader'"):
+        CIFARDataModule(loader="fast")
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        CIFARDataModule(batch_size=0)
+    folder = write_official_dir(tmp_path, n_train=50)
+    with pytest.raises(ValueError, match="val_size=50 must be smaller than the train split"):
+        dm_for(folder, tmp_path, val_size=50).setup()
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data_dir '.*nowhere' does not exist.*cifar-10-python.tar.gz"):
+        dm_for(tmp_path / "nowhere", tmp_path).setup()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"found no cifar10 data in folder '.*empty'"):
+        dm_for(tmp_path / "empty", tmp_path).setup()
+
+
+def test_wrong_archive_kind(tmp_path):
+    not_tar = tmp_path / "data.zip"
+    not_tar.write_bytes(b"PK\x03\x04 this is a zip")
+    with pytest.raises(DataSourceError, match=r"'.*data.zip' is not a tar archive"):
+        dm_for(not_tar, tmp_path).setup()
+    c100 = write_official_archive(tmp_path / "cifar-100-python.tar.gz", "cifar100", 10, 10)
+    with pytest.raises(DataSourceError, match="holds cifar100, not cifar10; set dataset: cifar100"):
+        dm_for(c100, tmp_path).setup()
+    other = tmp_path / "other.tar.gz"
+    with tarfile.open(other, "w:gz") as tf:
+        tf.add(not_tar, arcname="stuff/readme.txt")
+    with pytest.raises(DataSourceError, match=r"is not a cifar10 archive: expected the official"):
+        dm_for(other, tmp_path).setup()
+
+
+def test_truncated_archive(tmp_path):
+    good = write_official_archive(tmp_path / "cifar-10-python.tar.gz", n_train=200, n_test=50)
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(DataSourceError, match=r"'.*cut.tar.gz' is truncated or damaged"):
+        dm_for(cut, tmp_path).setup()
+    assert not list((tmp_path / "cache").glob("*.pt"))  # nothing cached from a damaged source
+
+
+def test_train_test_class_mismatch(tmp_path):
+    files = tree_files(CIFAR10_CLASSES, {"train": 1, "test": 1}, test_classes=[*CIFAR10_CLASSES[:9], "tractor"])
+    with pytest.raises(
+        DataSourceError, match=r"different classes \(only in train: \['truck'\], only in test: \['tractor'\]"
+    ):
+        dm_for(write_image_tarball(tmp_path / "m.tar.gz", files), tmp_path).setup()
+
+
+def test_wrong_number_of_classes(tmp_path):
+    files = tree_files(CIFAR10_CLASSES[:4], {"train": 1, "test": 1})
+    with pytest.raises(DataSourceError, match="holds 4 classes, but the dataset has 10"):
+        dm_for(write_image_tarball(tmp_path / "m.tar.gz", files), tmp_path).setup()
+
+
+def test_unknown_or_bad_augment_key():
+    with pytest.raises(ValueError, match=r"unknown augment key\(s\) \['cutout_size'\]; allowed: crop_padding, hflip"):
+        CIFARDataModule(augment={"cutout_size": 8})
+    with pytest.raises(ValueError, match=r"augment.erasing_p = 1.5 is invalid; allowed: a probability in \[0, 1\]"):
+        CIFARDataModule(augment={"erasing_p": 1.5})
+    with pytest.raises(ValueError, match="augment.crop_padding = -1 is invalid"):
+        CIFARDataModule(augment={"crop_padding": -1})
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def test_cache_is_reused_and_invalidated_when_the_source_changes(tmp_path, monkeypatch):
+    archive = write_official_archive(tmp_path / "cifar-10-python.tar.gz", n_train=50, n_test=20, seed=0)
+    first = dm_for(archive, tmp_path)
+    first.setup()
+    assert len(list((tmp_path / "cache").glob("cifar10-*.pt"))) == 1
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again although a valid cache exists")
+
+    monkeypatch.setattr(cache_mod, "decode_source", no_decode)
+    again = dm_for(archive, tmp_path)
+    again.setup()
+    assert torch.equal(again.split("train")[1], first.split("train")[1])
+    monkeypatch.undo()
+
+    write_official_archive(archive, n_train=50, n_test=20, seed=1)  # same name and size class, new labels
+    changed = dm_for(archive, tmp_path)
+    changed.setup()
+    assert not torch.equal(changed.split("train")[1], first.split("train")[1])
+    np.testing.assert_array_equal(changed.split("train")[1].numpy(), official_expected_labels(seed=1))
+
+
+def official_expected_labels(seed: int) -> np.ndarray:
+    files = official_batches("cifar10", 50, 20, seed)
+    return np.concatenate([files[f"data_batch_{i}"][b"labels"] for i in range(1, 6)])
+
+
+def test_cache_of_an_image_tree_sees_a_changed_file(tmp_path):
+    files = tree_files(CIFAR10_CLASSES, {"train": 1, "test": 1})
+    root = write_image_tree(tmp_path / "tree", files)
+    before = dm_for(root, tmp_path).split("train")[0].clone()
+    img = root / "train" / "bird" / "0000.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 1_000_000))  # even on coarse clocks
+    after = dm_for(root, tmp_path).split("train")[0]
+    assert after[2].sum() == 0 and not torch.equal(before, after)
+
+
+def test_interrupted_cache_write_leaves_nothing_trusted(tmp_path, monkeypatch):
+    archive = write_official_archive(tmp_path / "cifar-10-python.tar.gz", n_train=50, n_test=20)
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt  # e.g. Ctrl-C during the write
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        dm_for(archive, tmp_path).setup()
+    assert list((tmp_path / "cache").iterdir()) == []  # no final file, no temporary left
+    monkeypatch.setattr(torch, "save", real_save)
+    dm = dm_for(archive, tmp_path)
+    dm.setup()
+    (path,) = (tmp_path / "cache").glob("*.pt")
+    path.write_bytes(path.read_bytes()[:1000])  # a damaged cache (e.g. disk full) is rebuilt, not trusted
+    again = dm_for(archive, tmp_path)
+    again.setup()
+    assert torch.equal(again.split("train")[0], dm.split("train")[0])
+
+
+# --------------------------------------------------------------------------- split
+
+
+def test_split_is_seeded_disjoint_and_complete(tmp_path):
+    folder = write_official_dir(tmp_path, n_train=100, n_test=20)
+    a = dm_for(folder, tmp_path, val_size=30, split_seed=3)
+    b = dm_for(folder, tmp_path, val_size=30, split_seed=3)
+    c = dm_for(folder, tmp_path, val_size=30, split_seed=4)
+    ids = {  # every test image is unique, so its bytes identify it
+        name: {bytes(img.numpy()) for img in dm.split(split)[0]}
+        for name, dm, split in (("a_val", a, "val"), ("a_train", a, "train"), ("b_val", b, "val"), ("c_val", c, "val"))
+    }
+    assert len(ids["a_val"]) == 30 and len(ids["a_train"]) == 70
+    assert ids["a_val"].isdisjoint(ids["a_train"])
+    assert ids["a_val"] == ids["b_val"] and ids["a_val"] != ids["c_val"]
+    assert torch.equal(dm_for(folder, tmp_path, val_size=0).split("val")[0], a.split("test")[0])
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_crop_and_flip_match_a_per_image_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
+    cfg = AugmentConfig(normalize=False)
+    p = sample_params(cfg, 16, g)
+    out = apply_batch(x, p, cfg, torch.zeros(3), torch.ones(3))
+    for i in range(16):
+        oy, ox = p["crop"][i].tolist()
+        ref = torch.nn.functional.pad(x[i], (4, 4, 4, 4))[:, oy : oy + 32, ox : ox + 32]
+        if p["flip"][i]:
+            ref = ref.flip(-1)
+        torch.testing.assert_close(out[i], ref.float() / 255)
+    assert p["flip"].any() and not p["flip"].all()
+
+
+def test_cutout_zeroes_the_clipped_square():
+    centres = torch.tensor([[[16, 16]], [[0, 0]], [[31, 20]]])
+    m = cutout_mask(centres, 16, (32, 32))
+    assert m[0, 8:24, 8:24].all() and m[0].sum() == 256  # [c - 8, c + 8) x [c - 8, c + 8)
+    assert m[1, 0:8, 0:8].all() and m[1].sum() == 64  # clipped at the corner
+    assert m[2, 23:32, 12:28].all() and m[2].sum() == 9 * 16
+    cfg = AugmentConfig(crop_padding=0, hflip=False, cutout_holes=1, cutout_length=16)
+    x = torch.full((3, 3, 32, 32), 200, dtype=torch.uint8)
+    out = apply_batch(x, {"cutout": centres}, cfg, torch.full((3,), 0.5), torch.full((3,), 0.25))
+    assert torch.equal(out == 0, m[:, None].expand_as(out))  # zero (= the mean) exactly in the square
+
+
+def test_random_erasing_rate_and_area():
+    cfg = AugmentConfig(crop_padding=0, hflip=False, erasing_p=0.3)
+    box = sample_params(cfg, 20000, torch.Generator().manual_seed(1))["erase"]
+    erased = box[:, 2] > 0
+    assert abs(erased.float().mean().item() - 0.3) < 0.015
+    area = (box[erased, 2] * box[erased, 3]).float() / 1024
+    assert area.min() >= 0.015 and area.max() <= 0.36 and abs(area.mean().item() - 0.175) < 0.03
+    assert (box[erased, 0] + box[erased, 2] <= 32).all() and (box[erased, 1] + box[erased, 3] <= 32).all()
+    x = torch.full((8, 3, 32, 32), 255, dtype=torch.uint8)
+    out = apply_batch(
+        x, {"erase": box[:8]}, AugmentConfig(erasing_p=0.3, erasing_value=-7.0), torch.zeros(3), torch.ones(3)
+    )
+    assert torch.equal((out == -7.0).sum((1, 2, 3)), 3 * box[:8, 2] * box[:8, 3])
+
+
+def test_normalized_eval_batches_have_zero_mean_unit_std(tmp_path):
+    folder = write_official_dir(tmp_path, n_train=200, n_test=20)
+    dm = dm_for(folder, tmp_path, batch_size=1000)
+    dm.setup()
+    (batch,) = list(dm._loader("train", train=False))
+    x, y = dm.transform_batch(batch)
+    assert x.dtype == torch.float32 and x.shape == (200, 3, 32, 32) and y.dtype == torch.int64
+    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(x.std((0, 2, 3), correction=0), torch.ones(3), atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- tensor loader: determinism, DDP
+
+
+def batches(dm: CIFARDataModule, loader: TensorLoader, rank=0, world=1, epoch=0) -> list[tuple[torch.Tensor, ...]]:
+    dm.trainer = fake_trainer(rank, world, epoch)
+    try:
+        return [(b.images, b.labels, *dm.transform_batch(b)) for b in loader]
+    finally:
+        dm.trainer = None
+
+
+def test_epoch_batches_depend_on_seed_and_epoch_only(tmp_path):
+    folder = write_official_dir(tmp_path, n_train=100, n_test=20)
+    kw = dict(batch_size=32, seed=5, augment={"cutout_holes": 1, "erasing_p": 0.5})
+    dm = dm_for(folder, tmp_path, **kw)
+    torch.manual_seed(0)
+    e2 = batches(dm, dm.train_dataloader(), epoch=2)
+    fresh = dm_for(folder, tmp_path, **kw)  # e.g. a run resumed at epoch 2
+    torch.manual_seed(123)  # global RNG state must not matter
+    e2_again = batches(fresh, fresh.train_dataloader(), epoch=2)
+    e3 = batches(fresh, fresh.train_dataloader(), epoch=3)
+    assert len(e2) == 4 and [len(b[1]) for b in e2] == [32, 32, 32, 4]
+    for a, b in zip(e2, e2_again, strict=True):
+        for t, u in zip(a, b, strict=True):
+            assert torch.equal(t, u)
+    assert not torch.equal(torch.cat([b[1] for b in e2]), torch.cat([b[1] for b in e3]))
+    other_seed = dm_for(folder, tmp_path, **{**kw, "seed": 6})
+    assert not torch.equal(batches(other_seed, other_seed.train_dataloader(), epoch=2)[0][2], e2[0][2])
+
+
+@pytest.mark.parametrize("n_train", [100, 101])
+def test_two_ranks_cover_the_train_split_with_equal_batch_counts(tmp_path, n_train):
+    folder = write_official_dir(tmp_path, n_train=n_train, n_test=21)
+    dm = dm_for(folder, tmp_path, batch_size=16)
+    loader = dm.train_dataloader()
+    seen, counts = [], []
+    for rank in (0, 1):
+        bs = batches(dm, loader, rank, 2, epoch=1)
+        dm.trainer = fake_trainer(rank, 2, 1)
+        assert len(loader) == len(bs)
+        dm.trainer = None
+        counts.append(len(bs))
+        seen.append({bytes(img.numpy()) for b in bs for img in b[0]})
+    assert counts[0] == counts[1] == math.ceil(math.ceil(n_train / 2) / 16)
+    all_ids = {bytes(img.numpy()) for img in dm.split("train")[0]}
+    assert seen[0] | seen[1] == all_ids
+    if n_train % 2 == 0:
+        assert seen[0].isdisjoint(seen[1])  # exactly once when it divides
+
+
+@pytest.mark.parametrize("n_test", [20, 21, 33])
+def test_two_ranks_evaluate_every_test_image_exactly_once(tmp_path, n_test):
+    folder = write_official_dir(tmp_path, n_train=20, n_test=n_test)
+    dm = dm_for(folder, tmp_path, batch_size=8)
+    loader = dm.test_dataloader()
+    ids, counts = [], []
+    for rank in (0, 1):
+        bs = batches(dm, loader, rank, 2)
+        counts.append(len(bs))
+        ids += [bytes(img.numpy()) for b in bs for img in b[0]]
+        assert all(b[0].shape[0] > 0 for b in bs)
+    assert counts[0] == counts[1]
+    assert sorted(ids) == sorted(bytes(img.numpy()) for img in dm.split("test")[0])
+
+
+def test_raw_batches_are_uint8_and_carry_params_only_in_training(tmp_path):
+    folder = write_official_dir(tmp_path, n_train=40, n_test=20)
+    dm = dm_for(folder, tmp_path, batch_size=16)
+    train = next(iter(dm.train_dataloader()))
+    val = next(iter(dm.val_dataloader()))
+    assert isinstance(train, RawBatch) and train.images.dtype == torch.uint8 and set(train.params) == {"crop", "flip"}
+    assert val.params is None
+
+
+# --------------------------------------------------------------------------- Lightning
+
+
+class TinyNet(pl.LightningModule):
+    """Records what each step receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+        self.seen: dict[str, list[tuple]] = {"train": [], "val": [], "test": [], "predict": []}
+
+    def _record(self, stage, batch):
+        x, y = batch
+        self.seen[stage].append((x.dtype, tuple(x.shape), y.dtype, float(x.mean())))
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def training_step(self, batch, i):
+        return self._record("train", batch)
+
+    def validation_step(self, batch, i):
+        self._record("val", batch)
+
+    def test_step(self, batch, i):
+        self._record("test", batch)
+
+    def predict_step(self, batch, i):
+        self._record("predict", batch)
+        return self.net(batch[0]).argmax(1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("loader", ["tensor", "dataloader"])
+def test_trainer_fit_validate_test_predict(tmp_path, loader):
+    folder = write_official_dir(tmp_path, n_train=60, n_test=20)
+    dm = dm_for(folder, tmp_path, val_size=10, batch_size=16, loader=loader, augment={"cutout_holes": 1})
+    model = TinyNet()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm)
+    preds = trainer.predict(model, datamodule=dm)
+    assert [s[1][0] for s in model.seen["train"]] == [16, 16, 16, 2] * 2
+    assert sum(s[1][0] for s in model.seen["test"]) == 20 and sum(len(p) for p in preds) == 20
+    for stage, records in model.seen.items():
+        assert records, stage
+        for x_dtype, shape, y_dtype, _ in records:
+            assert x_dtype == torch.float32 and shape[1:] == (3, 32, 32) and y_dtype == torch.int64
+
+
+def test_lightning_cli_builds_the_datamodule_from_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    folder = write_official_dir(tmp_path, "cifar100", n_train=10, n_test=10)
+
+    class Linked(pl.LightningModule):
+        def __init__(self, num_classes: int = 10) -> None:
+            super().__init__()
+            self.num_classes = num_classes
+
+    class CLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "data:\n  class_path: maxdrop.data.CIFARDataModule\n  init_args:\n"
+        f"    dataset: cifar100\n    data_dir: {folder}\n    cache_dir: {tmp_path / 'cache'}\n"
+        "    augment: {cutout_holes: 1, cutout_length: 8, erasing_p: 0.25}\n"
+    )
+    cli = CLI(
+        Linked,
+        pl.LightningDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(cfg)],
+        trainer_defaults={"logger": False},
+        save_config_callback=None,
+    )
+    assert isinstance(cli.datamodule, CIFARDataModule) and cli.model.num_classes == 100
+    assert cli.datamodule.augment.cutout_length == 8 and cli.datamodule.augment.erasing_p == 0.25
+    assert cli.datamodule.augment.crop_padding == 4  # defaults kept for keys not given
+
+
+# --------------------------------------------------------------------------- the real CIFAR-10
+
+
+@pytest.mark.slow
+def test_real_cifar10_jpeg_tarball(cifar10_jpeg, tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp().parent / "maxdrop-test-cache"  # shared by later runs: fast reruns
+    dm = CIFARDataModule(data_dir=str(cifar10_jpeg), cache_dir=str(cache), val_size=0)
+    dm.prepare_data()
+    dm.setup()
+    (tx, ty), (sx, sy) = dm.split("train"), dm.split("test")
+    assert tx.shape == (50000, 3, 32, 32) and sx.shape == (10000, 3, 32, 32)
+    assert dm.classes == CIFAR10_CLASSES and dm.num_classes == 10
+    assert torch.equal(torch.bincount(ty), torch.full((10,), 5000))
+    assert torch.equal(torch.bincount(sy), torch.full((10,), 1000))
+    # The well-known CIFAR-10 statistics (JPEG shifts them only slightly).
+    torch.testing.assert_close(dm.mean, torch.tensor([0.4914, 0.4822, 0.4465], dtype=torch.float64), atol=0.005, rtol=0)
+    torch.testing.assert_close(dm.std, torch.tensor([0.2470, 0.2435, 0.2616], dtype=torch.float64), atol=0.01, rtol=0)
