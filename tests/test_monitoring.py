@@ -29,12 +29,12 @@ def default_slots() -> dict[str, nn.Module]:
 
 
 class TinyBackbone(nn.Module):
-    """conv -> ReLU -> stage1 -> conv -> ReLU -> stage2 -> mean pool -> head -> linear.
+    """conv -> ReLU -> stage1 -> conv -> ReLU -> stage2 -> mean pool -> head -> aux -> linear.
 
-    ``skip_stage2`` leaves stage2 out of the forward (to test a slot one DDP rank never runs).
+    ``aux`` (empty unless given) is skipped when ``skip_aux``: a slot that one DDP rank never runs.
     """
 
-    def __init__(self, slots: dict[str, nn.Module] | None = None, skip_stage2: bool = False) -> None:
+    def __init__(self, slots: dict[str, nn.Module] | None = None, skip_aux: bool = False) -> None:
         super().__init__()
         slots = default_slots() if slots is None else slots
         self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
@@ -42,18 +42,18 @@ class TinyBackbone(nn.Module):
         self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
         self.stage2 = slots.get("stage2", nn.Identity())
         self.head = slots.get("head", nn.Identity())
+        self.aux = slots.get("aux", nn.Identity())
         self.fc = nn.Linear(6, 10)
-        self.skip_stage2 = skip_stage2
+        self.skip_aux = skip_aux
 
     def dropout_slots(self) -> dict[str, nn.Module]:
-        return {n: getattr(self, n) for n in SLOT_NAMES if not isinstance(getattr(self, n), nn.Identity)}
+        names = (*SLOT_NAMES, "aux")
+        return {n: getattr(self, n) for n in names if not isinstance(getattr(self, n), nn.Identity)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage1(self.conv1(x).relu())
-        x = self.conv2(x).relu()
-        if not self.skip_stage2:
-            x = self.stage2(x)
-        return self.fc(self.head(x.mean((2, 3))))
+        x = self.head(self.stage2(self.conv2(x).relu()).mean((2, 3)))
+        return self.fc(x if self.skip_aux else self.aux(x))
 
 
 def authors_dropped(x: torch.Tensor, p: float) -> int:
