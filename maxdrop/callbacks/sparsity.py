@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,10 @@ RECORD_FIELDS = (
     "val_zero_in",
     "val_zero_out",
 )
-# A float32 sum of 0/1 values is exact while the count stays below 2**24: rows up to this long
-# are counted through a float buffer (vectorized), longer ones with count_nonzero (exact, slower).
-_EXACT_ROW = 2**24
+# A float32 sum of 0/1 values is exact while the count stays below 2**24: channels with up to this
+# many elements per batch are counted through a float buffer (vectorized), larger ones with
+# count_nonzero (exact, slower).
+_EXACT_COUNT = 2**24
 # Columns of the per-slot scalar block that is all-reduced at the end of an epoch.
 _DROPPED, _SEEN, _NZ_IN, _NUMEL_IN, _NZ_OUT, _NUMEL_OUT = range(6)
 _BIG = 2**62
@@ -113,6 +115,25 @@ def _ncl(x: Tensor) -> tuple[int, int, int]:
         return (x.shape[0] if x.ndim else 1), 1, 1
     n, c = x.shape[0], x.shape[1]
     return n, c, x.numel() // (n * c)
+
+
+@contextmanager
+def _single_thread(x: Tensor) -> Iterator[None]:
+    """Runs the CPU counting ops on one thread.
+
+    They are short, memory-bound passes: forking the intra-op thread pool for each costs more than it
+    saves, and on a CPU shared with data-loader workers or other jobs each fork can wait a whole
+    scheduler time slice for a busy core (measured: 32 ms -> 2 ms per slot on a loaded 2-core VM).
+    """
+    threads = torch.get_num_threads()
+    if x.device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Acc:
@@ -290,17 +311,19 @@ class SparsityMonitor(pl.Callback):
             magnitude: also return the per-channel sum of |x|.
         """
         n, c, length = _ncl(x)
-        if length > _EXACT_ROW:
+        if n * length > _EXACT_COUNT:
             v = x.reshape(n, c, length)
             mag = v.abs().sum((0, 2), dtype=torch.float32) if magnitude else None
             return torch.count_nonzero(v, dim=(0, 2)), mag
-        # Eager: out= into a reused buffer, then float row sums (vectorized, exact up to 2**24).
-        mag = None
-        if magnitude:
-            buf = self._buffer(x, x.dtype)
-            mag = torch.abs(x, out=buf).view(n, c, length).sum(2, dtype=torch.float32).sum(0)
-        ones = torch.ne(x, 0, out=self._buffer(x, torch.float32)).view(n, c, length)
-        return ones.sum(2).sum(0, dtype=torch.int64), mag
+        with _single_thread(x):
+            # out= into a reused buffer, then float sums over the batch first (contiguous, vectorized)
+            # and over the positions second: 0/1 sums stay exact while below 2**24.
+            mag = None
+            if magnitude:
+                absx = torch.abs(x, out=self._buffer(x, x.dtype)).view(n, c * length)
+                mag = absx.sum(0, dtype=torch.float32).view(c, length).sum(1)
+            ones = torch.ne(x, 0, out=self._buffer(x, torch.float32)).view(n, c * length)
+            return ones.sum(0).view(c, length).sum(1).long(), mag
 
     def _make_pre_hook(self, name: str):
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
