@@ -55,6 +55,19 @@ def fake_trainer(rank: int = 0, world: int = 1, epoch: int = 0) -> SimpleNamespa
     )
 
 
+def quiet_trainer(tmp_path: Path, **kw) -> pl.Trainer:
+    """A CPU Trainer without logger, progress bar or summary (checkpointing only when callbacks are given)."""
+    kw.setdefault("enable_checkpointing", bool(kw.get("callbacks")))
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -434,15 +447,7 @@ def test_trainer_fit_validate_test_predict(tmp_path, loader):
     folder = write_official_dir(tmp_path, n_train=60, n_test=20)
     dm = dm_for(folder, tmp_path, val_size=10, batch_size=16, loader=loader, augment={"cutout_holes": 1})
     model = TinyNet()
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2)
     trainer.fit(model, datamodule=dm)
     trainer.test(model, datamodule=dm)
     preds = trainer.predict(model, datamodule=dm)
@@ -505,3 +510,108 @@ def test_real_cifar10_jpeg_tarball(cifar10_jpeg, tmp_path_factory):
     # The well-known CIFAR-10 statistics (JPEG shifts them only slightly).
     torch.testing.assert_close(dm.mean, torch.tensor([0.4914, 0.4822, 0.4465], dtype=torch.float64), atol=0.005, rtol=0)
     torch.testing.assert_close(dm.std, torch.tensor([0.2470, 0.2435, 0.2616], dtype=torch.float64), atol=0.01, rtol=0)
+
+
+class Recorder(TinyNet):
+    """Records (epoch, batch_idx, checksum of the augmented images, labels) of every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[tuple[int, int, float, list[int]]] = []
+
+    def training_step(self, batch, i):
+        x, y = batch
+        self.batches.append((self.current_epoch, i, float(x.double().sum()), y.tolist()))
+        return nn.functional.cross_entropy(self.net(x), y)
+
+
+def fit(tmp_path, folder, max_epochs, ckpt_path=None, callbacks=(), seed_offset=0):
+    torch.manual_seed(1000 + seed_offset)  # different global RNG state per run: must not matter
+    dm = dm_for(folder, tmp_path, val_size=10, batch_size=16, seed=7, augment={"cutout_holes": 1, "erasing_p": 0.5})
+    model = Recorder()
+    trainer = quiet_trainer(tmp_path, max_epochs=max_epochs, callbacks=list(callbacks), num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model.batches
+
+
+def test_resumed_training_sees_the_same_batches_as_a_straight_run(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folder = write_official_dir(tmp_path, n_train=74, n_test=10)  # 64 train images: 4 batches per epoch
+    straight = fit(tmp_path, folder, 3)
+    assert [b[:2] for b in straight] == [(e, i) for e in range(3) for i in range(4)]
+    assert straight[0][2:] != straight[4][2:]  # epochs differ: the epoch is read from the trainer
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ep", save_last=True, every_n_epochs=1, save_top_k=-1)
+    fit(tmp_path, folder, 1, callbacks=[ckpt], seed_offset=1)
+    resumed = fit(tmp_path, folder, 3, ckpt_path=str(tmp_path / "ep" / "last.ckpt"), seed_offset=2)
+    assert resumed == straight[4:]  # epochs 1 and 2, bit for bit
+
+    mid = ModelCheckpoint(dirpath=tmp_path / "mid", every_n_train_steps=6, save_top_k=-1)
+    fit(tmp_path, folder, 2, callbacks=[mid], seed_offset=3)
+    (step6,) = (tmp_path / "mid").glob("*step=6.ckpt")  # saved after batch 1 of epoch 1
+    resumed_mid = fit(tmp_path, folder, 3, ckpt_path=str(step6), seed_offset=4)
+    assert resumed_mid == straight[6:]
+
+
+class ShardRecorder(pl.LightningModule):
+    """Writes the ids of every image each rank trained/validated/tested on (ids = first pixels, see data_helpers)."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+        self.lin = nn.Linear(1, 1)
+        self.ids: dict[str, list[list[int]]] = {"train": [], "val": [], "test": []}
+
+    def _ids(self, stage, batch):
+        x = (batch[0] * 255).round().long()  # augment is off and normalize is off: the raw pixels
+        self.ids[stage].append((x[:, 0, 0, 0] + 256 * x[:, 1, 0, 0]).tolist())
+
+    def training_step(self, batch, i):
+        self._ids("train", batch)
+        return self.lin(batch[0][:, :1, 0, 0]).sum()
+
+    def validation_step(self, batch, i):
+        self._ids("val", batch)
+
+    def test_step(self, batch, i):
+        self._ids("test", batch)
+
+    def on_train_end(self):  # ddp_spawn: each fit/test runs in fresh processes, so save after each
+        torch.save(self.ids, f"{self.out_dir}/fit{self.global_rank}.pt")
+
+    def on_test_end(self):
+        torch.save(self.ids, f"{self.out_dir}/test{self.global_rank}.pt")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["tensor", "dataloader"])
+def test_two_process_ddp_shards(tmp_path, loader):
+    """Real DDP (2 gloo processes): disjoint train shards covering the split, each eval image exactly once."""
+    folder = write_official_dir(tmp_path, n_train=70, n_test=23)  # 60 train, 10 val, 23 test (uneven)
+    dm = dm_for(folder, tmp_path, val_size=10, batch_size=8, loader=loader, augment=AUG_OFF)
+    dm.prepare_data()  # build the cache before spawning (prepare_data also runs inside, once)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, devices=2, strategy="ddp_spawn", num_sanity_val_steps=0)
+    model = ShardRecorder(str(tmp_path))
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm)
+    ranks = [
+        {**torch.load(tmp_path / f"fit{r}.pt"), "test": torch.load(tmp_path / f"test{r}.pt")["test"]} for r in (0, 1)
+    ]
+    dm.setup()
+
+    def ids(split):
+        x = dm.split(split)[0].long()
+        return sorted((x[:, 0, 0, 0] + 256 * x[:, 1, 0, 0]).tolist())
+
+    train = [sum(r["train"], []) for r in ranks]
+    assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == 4  # 30 per rank / 8
+    assert set(train[0]).isdisjoint(train[1]) and sorted(train[0] + train[1]) == ids("train")
+    for stage, split in (("val", "val"), ("test", "test")):
+        assert sorted(sum(ranks[0][stage], []) + sum(ranks[1][stage], [])) == ids(split), stage
+
+
+AUG_OFF = {"crop_padding": 0, "hflip": False, "normalize": False}

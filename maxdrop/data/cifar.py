@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from maxdrop.data.augment import AugmentConfig, apply_batch, image_transform, sample_params
+from maxdrop.data.augment import AugmentConfig, apply_batch, image_transform, one_cpu_thread, sample_params
 from maxdrop.data.cache import default_cache_dir, load_or_decode
 from maxdrop.data.sources import DATASETS, Decoded, check_dataset, find_source
 
@@ -81,7 +81,7 @@ class TensorLoader:
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self._epoch: int | None = None
         self._iterations = 0
-        self._skip = 0  # batches to skip at the next iteration (mid-epoch resume)
+        self._skip = (-1, 0)  # (epoch, batches) to skip at the next iteration (mid-epoch resume)
         self._yielded = 0
         self._iter_epoch = 0
 
@@ -102,8 +102,8 @@ class TensorLoader:
         return {"epoch": self._iter_epoch, "batches": self._yielded}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Make the next iteration skip the batches the saved run had already consumed."""
-        self._skip = int(state.get("batches", 0))
+        """Make the next iteration skip the batches the saved run had already consumed in that epoch."""
+        self._skip = (int(state.get("epoch", -1)), int(state.get("batches", 0)))
 
     # -- indices
 
@@ -144,19 +144,23 @@ class TensorLoader:
         rank, world = self.dm._rank_world()
         images, labels = self.dm._on_device(self.images), self.dm._on_device(self.labels)
         pin = self.dm.pin_memory and images.device.type == "cpu" and torch.cuda.is_available()
-        skip, self._skip = self._skip, 0
+        skip = self._skip[1] if self._skip[0] == epoch else 0
+        self._skip = (-1, 0)
         self._iter_epoch, self._yielded = epoch, skip
-        for b, idx in enumerate(self._indices(epoch, rank, world)):
+        with one_cpu_thread():
+            batches = self._indices(epoch, rank, world)
+        for b, idx in enumerate(batches):
             if b < skip:
                 continue
-            idx = idx.to(images.device, non_blocking=True)
-            x, y = images.index_select(0, idx), labels.index_select(0, idx)
-            if pin:
-                x, y = x.pin_memory(), y.pin_memory()
-            params = None
-            if self.shuffle:
-                g = torch.Generator().manual_seed(derive_seed(self.dm.seed, _AUGMENT, epoch, rank, b))
-                params = sample_params(self.dm.augment, len(idx), g, tuple(images.shape[-2:]))
+            with one_cpu_thread():  # never around the yield
+                idx = idx.to(images.device, non_blocking=True)
+                x, y = images.index_select(0, idx), labels.index_select(0, idx)
+                if pin:
+                    x, y = x.pin_memory(), y.pin_memory()
+                params = None
+                if self.shuffle:
+                    g = torch.Generator().manual_seed(derive_seed(self.dm.seed, _AUGMENT, epoch, rank, b))
+                    params = sample_params(self.dm.augment, len(idx), g, tuple(images.shape[-2:]))
             self._yielded = b + 1
             yield RawBatch(x, y, params)
 
