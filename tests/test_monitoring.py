@@ -93,8 +93,10 @@ class TinyModule(pl.LightningModule):
             c["numel"] += x.numel()
             if self._phase == "train" and x.ndim >= 2:
                 dims = [d for d in range(x.ndim) if d != 1]
-                key = (self.current_epoch, name)
-                self.per_channel[key] = self.per_channel.get(key, 0) + shut.sum(dims)
+                key, per = (self.current_epoch, name), shut.sum(dims)
+                prev = self.per_channel.get(key)
+                if prev is None or prev.shape == per.shape:  # FlexBackbone's slot changes its channels
+                    self.per_channel[key] = per if prev is None else prev + per
 
         return hook
 
@@ -419,3 +421,36 @@ def test_configurable_from_yaml(tmp_path):
     args = ["--trainer.callbacks+=maxdrop.callbacks.SparsityMonitor"]
     cli = LightningCLI(TinyModule, run=False, args=args, save_config_callback=None)
     assert any(isinstance(c, SparsityMonitor) for c in cli.trainer.callbacks)
+
+
+class FlexBackbone(nn.Module):
+    """One slot whose input alternates between 4 and 2 channels from batch to batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.flex = nn.Dropout(0.5)
+        self.fc = nn.Linear(1, 10)
+        self.calls = 0
+
+    def dropout_slots(self) -> dict[str, nn.Module]:
+        return {"flex": self.flex}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).relu()
+        if self.training:
+            self.calls += 1
+            h = h[:, :2] if self.calls % 2 else h
+        return self.fc(self.flex(h).mean((1, 2, 3))[:, None])
+
+
+def test_a_slot_whose_channel_count_changes_keeps_exact_totals_and_drops_its_histograms(tmp_path):
+    monitor = SparsityMonitor()
+    module = TinyModule(FlexBackbone())
+    trainer = make_trainer(tmp_path, monitor, epochs=1, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(module, loader(), loader(16))
+    counts = module.counts[("train", 0, "flex")]
+    assert monitor.logged["maxdrop/flex/seen"] == counts["seen"] == 8 * 64 * (2 + 4 + 2)
+    assert monitor.logged["maxdrop/flex/dropped"] == counts["dropped"]
+    assert monitor.logged["maxdrop/flex/train_zero_out"] == pytest.approx(counts["zero_out"] / counts["numel"])
+    assert not [t for t in read_events(tmp_path / "version_0").Tags()["histograms"] if "flex" in t]

@@ -191,7 +191,9 @@ class SparsityMonitor(pl.Callback):
     """Logs how many units each dropout slot shuts off and how sparse its activations are.
 
     For every slot of ``pl_module.backbone.dropout_slots()``, once per epoch, summed over all
-    training steps of the epoch and over all DDP ranks (one all-reduce per epoch):
+    training steps of the epoch and over all DDP ranks (the sums stay on the device during the
+    epoch; at its end one all-reduce carries them all, after a tiny one in which the ranks agree
+    on each slot's channel count for the histograms):
 
     - ``maxdrop/<slot>/dropped``, ``maxdrop/<slot>/seen``: units the layer shut off / saw in training.
       maxdrop layers count these themselves; for other layers (``nn.Dropout``, ``DropBlock2d``, ...)
@@ -402,7 +404,7 @@ class SparsityMonitor(pl.Callback):
         channels = [0] * len(names)
         if per_channel:
             accs = [self._acc[phase].get(n) for n in names]
-            local = [(a.channels if a is not None and a.mag is not None else 0) for a in accs]
+            local = [0 if a is None else a.channels for a in accs]  # 0: never ran, -1: C changed
             if distributed:
                 # Agree on each slot's channel count first: (max C, max -C) over the ranks that saw it.
                 header = torch.tensor(
