@@ -131,7 +131,12 @@ def write_image_tarball(
 
 
 def expected_split(files: dict[str, tuple[np.ndarray, int]], split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of ``split`` in the order the datamodule decodes them (class, then file name)."""
-    items = sorted(((rel.split("/")[1], rel, v) for rel, v in files.items() if rel.startswith(split + "/")))
-    items.sort(key=lambda t: (t[2][1], t[1]))
-    return np.stack([v[0] for _, _, v in items]), np.array([v[1] for _, _, v in items])
+    """Images and labels of ``split`` in the order the datamodule stores them: read in (class, file name)
+    order, then permuted by the fixed ``TREE_ORDER_SEED`` permutation."""
+    import torch
+
+    from maxdrop.data.sources import TREE_ORDER_SEED
+
+    items = sorted((v[1], rel, v[0]) for rel, v in files.items() if rel.startswith(split + "/"))
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(TREE_ORDER_SEED)).tolist()
+    return np.stack([items[i][2] for i in order]), np.array([items[i][0] for i in order])

@@ -24,7 +24,7 @@ __all__ = ["CACHE_VERSION", "cache_path", "default_cache_dir", "load_or_decode"]
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the cached layout or the decoding changes, so old caches are ignored.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _FIELDS = ("train_images", "train_labels", "test_images", "test_labels", "mean", "std")
 
 

@@ -282,7 +282,7 @@ class CIFARDataModule(pl.LightningDataModule):
         self.mean: Tensor | None = None
         self.std: Tensor | None = None
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
-        self._device_copies: dict[tuple[int, str], Tensor] = {}
+        self._device_copies: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ trainer helpers
 
@@ -302,9 +302,9 @@ class CIFARDataModule(pl.LightningDataModule):
         if dev.type == "cpu":
             return t
         key = (id(t), str(dev))
-        if key not in self._device_copies:
-            self._device_copies[key] = t.to(dev)
-        return self._device_copies[key]
+        if key not in self._device_copies:  # the entry keeps ``t`` alive, so its id cannot be reused
+            self._device_copies[key] = (t, t.to(dev))
+        return self._device_copies[key][1]
 
     # ------------------------------------------------------------------ data
 

@@ -8,7 +8,9 @@ The sources, by what ``data_dir`` points at:
 * an official archive (``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``) or a folder holding it;
 * an image-folder tree ``train/<class>/*`` + ``test/<class>/*`` (at ``data_dir`` or one folder below),
   or a ``.tar``/``.tar.gz`` of one, such as ``cifar10-jpeg.tar.gz``. Labels are the class folders in
-  sorted order, which for CIFAR-10 and CIFAR-100 is the official label order.
+  sorted order, which for CIFAR-10 and CIFAR-100 is the official label order. Images are read in
+  (class, natural file name) order and stored in a fixed pseudo-random permutation of it
+  (``TREE_ORDER_SEED``), so that, as in the official files, neighbouring images are of mixed classes.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ DATASETS: dict[str, _Spec] = {
     ),
 }
 
+#: Seed of the fixed order in which image-folder splits are stored (class folders are mixed).
+TREE_ORDER_SEED = 0
 _IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".gif", ".tif", ".tiff"}
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -316,7 +320,12 @@ def _decode_tree(files: dict[str, dict[str, list[tuple[str, bytes]]]], spec: _Sp
                 blobs.append(blob)
                 labels.append(label)
                 wheres.append(f"{where}/{s}/{c}/{name}")
-        split_tensors += [_decode_images(blobs, wheres), torch.tensor(labels, dtype=torch.int64)]
+        # Store in a fixed mixed order, as the official files are: class-sorted test batches would make
+        # batch-dependent layers (MaxDropout, scope="tensor", active in eval) and partial evaluation
+        # (limit_val_batches) see one class at a time.
+        order = torch.randperm(len(blobs), generator=torch.Generator().manual_seed(TREE_ORDER_SEED))
+        images = _decode_images([blobs[i] for i in order], [wheres[i] for i in order])
+        split_tensors += [images, torch.tensor(labels, dtype=torch.int64)[order]]
     return _finish(*split_tensors, names, spec, where)
 
 
