@@ -137,6 +137,8 @@ def test_unknown_dataset_and_loader_and_sizes(tmp_path):
         CIFARDataModule(loader="fast")
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         CIFARDataModule(batch_size=0)
+    with pytest.raises(ValueError, match="seed must be null or an integer >= 0, got -1"):
+        CIFARDataModule(seed=-1)
     folder = write_official_dir(tmp_path, n_train=50)
     with pytest.raises(ValueError, match="val_size=50 must be smaller than the train split"):
         dm_for(folder, tmp_path, val_size=50).setup()
@@ -367,24 +369,24 @@ def test_epoch_batches_depend_on_seed_and_epoch_only(tmp_path):
     assert not torch.equal(batches(other_seed, other_seed.train_dataloader(), epoch=2)[0][2], e2[0][2])
 
 
-@pytest.mark.parametrize("n_train", [100, 101])
-def test_two_ranks_cover_the_train_split_with_equal_batch_counts(tmp_path, n_train):
+@pytest.mark.parametrize(("n_train", "world"), [(100, 2), (101, 2), (3, 4)])
+def test_ranks_cover_the_train_split_with_equal_batch_counts(tmp_path, n_train, world):
     folder = write_official_dir(tmp_path, n_train=n_train, n_test=21)
     dm = dm_for(folder, tmp_path, batch_size=16)
     loader = dm.train_dataloader()
     seen, counts = [], []
-    for rank in (0, 1):
-        bs = batches(dm, loader, rank, 2, epoch=1)
-        dm.trainer = fake_trainer(rank, 2, 1)
+    for rank in range(world):
+        bs = batches(dm, loader, rank, world, epoch=1)
+        dm.trainer = fake_trainer(rank, world, 1)
         assert len(loader) == len(bs)
         dm.trainer = None
         counts.append(len(bs))
+        assert sum(len(b[1]) for b in bs) == math.ceil(n_train / world)
         seen.append({bytes(img.numpy()) for b in bs for img in b[0]})
-    assert counts[0] == counts[1] == math.ceil(math.ceil(n_train / 2) / 16)
-    all_ids = {bytes(img.numpy()) for img in dm.split("train")[0]}
-    assert seen[0] | seen[1] == all_ids
-    if n_train % 2 == 0:
-        assert seen[0].isdisjoint(seen[1])  # exactly once when it divides
+    assert set(counts) == {math.ceil(math.ceil(n_train / world) / 16)}
+    assert set().union(*seen) == {bytes(img.numpy()) for img in dm.split("train")[0]}
+    if n_train % world == 0:
+        assert sum(len(s) for s in seen) == n_train  # exactly once when it divides
 
 
 @pytest.mark.parametrize("n_test", [20, 21, 33])
@@ -648,3 +650,41 @@ def test_data_on_device_gathers_and_augments_on_the_trainer_device(tmp_path):
                 assert y.device.type == "meta"
     finally:
         dm.trainer = None
+
+
+def test_download_fetches_both_official_splits_into_data_dir(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    calls = []
+
+    class FakeCIFAR100:  # stands in for the network: writes what torchvision's download leaves behind
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            write_official_dir(Path(root), "cifar100", n_train=10, n_test=10)
+
+    monkeypatch.setattr(tvd, "CIFAR100", FakeCIFAR100)
+    dm = dm_for(tmp_path / "dl", tmp_path, dataset="cifar100", download=True)
+    dm.prepare_data()
+    dm.setup()
+    assert calls == [(str(tmp_path / "dl"), True, True), (str(tmp_path / "dl"), False, True)]
+    assert dm.split("train")[0].shape == (10, 3, 32, 32)
+
+
+def test_cache_off_and_unwritable_cache_still_load(tmp_path, caplog):
+    folder = write_official_dir(tmp_path, n_train=20, n_test=10)
+    off = CIFARDataModule(data_dir=str(folder), val_size=0, cache=False, cache_dir=str(tmp_path / "c"))
+    assert off.split("train")[0].shape == (20, 3, 32, 32) and not (tmp_path / "c").exists()
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    with caplog.at_level("WARNING"):
+        dm = CIFARDataModule(data_dir=str(folder), val_size=0, cache_dir=str(blocker / "cache"))
+        assert torch.equal(dm.split("train")[0], off.split("train")[0])
+    assert "could not write the data cache" in caplog.text
+
+
+def test_drop_last_and_eval_batch_size(tmp_path):
+    folder = write_official_dir(tmp_path, n_train=50, n_test=20)
+    dm = dm_for(folder, tmp_path, batch_size=16, eval_batch_size=7, drop_last=True)
+    assert [len(b.labels) for b in dm.train_dataloader()] == [16, 16, 16]
+    assert len(dm.train_dataloader()) == 3
+    assert [len(b.labels) for b in dm.test_dataloader()] == [7, 7, 6]

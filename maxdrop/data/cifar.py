@@ -114,7 +114,7 @@ class TensorLoader:
             perm = torch.randperm(n, generator=g)
             per_rank = math.ceil(n / world)
             if per_rank * world > n:  # wrap around so every rank gets the same count
-                perm = torch.cat([perm, perm[: per_rank * world - n]])
+                perm = perm.repeat(math.ceil(per_rank * world / n))[: per_rank * world]
             shard = perm[rank::world]
             batches = list(shard.split(self.batch_size))
             if self.drop_last and batches and len(batches[-1]) < self.batch_size:
@@ -270,6 +270,8 @@ class CIFARDataModule(pl.LightningDataModule):
         self.val_size = val_size
         self.split_seed = split_seed
         self.seed = int(seed if seed is not None else os.environ.get("PL_GLOBAL_SEED", 0))
+        if self.seed < 0:
+            raise ValueError(f"seed must be null or an integer >= 0, got {self.seed}")
         self.loader = loader
         self.num_workers = num_workers
         self.pin_memory = pin_memory
