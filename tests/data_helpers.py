@@ -37,7 +37,7 @@ def official_batches(dataset: str, n_train: int, n_test: int, seed: int = 0) -> 
             f"data_batch_{j + 1}": {
                 b"batch_label": f"training batch {j + 1} of 5".encode(),
                 b"labels": [train_y[i] for i in p],
-                b"data": train_x[p].reshape(len(p), -1),
+                b"data": train_x[p].reshape(len(p), 3072),
                 b"filenames": [f"img_{i}.png".encode() for i in p],
             }
             for j, p in enumerate(parts)
