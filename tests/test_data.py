@@ -688,3 +688,23 @@ def test_drop_last_and_eval_batch_size(tmp_path):
     assert [len(b.labels) for b in dm.train_dataloader()] == [16, 16, 16]
     assert len(dm.train_dataloader()) == 3
     assert [len(b.labels) for b in dm.test_dataloader()] == [7, 7, 6]
+
+
+@pytest.mark.parametrize("world,expected", [(1, 128), (2, 64), (4, 32), (8, 16)])
+def test_global_batch_size_is_divided_over_the_world(tmp_path, world, expected):
+    folder = write_official_dir(tmp_path, n_train=300, n_test=20)
+    dm = dm_for(folder, tmp_path, global_batch_size=128, batch_size=7)
+    dm.trainer = fake_trainer(0, world)
+    loader = dm.train_dataloader()
+    assert dm.per_device_batch_size() == expected
+    assert len(next(iter(loader)).labels) == expected
+
+
+def test_global_batch_size_that_does_not_divide_is_a_clear_error(tmp_path):
+    folder = write_official_dir(tmp_path, n_train=300, n_test=20)
+    dm = dm_for(folder, tmp_path, global_batch_size=128)
+    dm.trainer = fake_trainer(0, 3)
+    with pytest.raises(ValueError, match=r"global_batch_size=128 does not divide over the world size 3"):
+        dm.train_dataloader()
+    with pytest.raises(ValueError, match=r"global_batch_size must be null or an integer >= 1, got 0"):
+        dm_for(folder, tmp_path, global_batch_size=0)

@@ -212,6 +212,9 @@ class CIFARDataModule(pl.LightningDataModule):
         download: download the official archive into ``data_dir`` with torchvision if it is not there
             (once per node, in ``prepare_data``).
         batch_size: training batch size per device.
+        global_batch_size: training batch size summed over all processes (devices x nodes); when set, it
+            replaces ``batch_size`` with ``global_batch_size / world_size`` at setup, so a config keeps the
+            paper's batch (128) on any number of GPUs. It must divide by the world size.
         eval_batch_size: validation/test/predict batch size per device; None = ``batch_size``.
         val_size: images held out of the train split for validation (seeded by ``split_seed``); 0 =
             validate on the test split.
@@ -240,6 +243,7 @@ class CIFARDataModule(pl.LightningDataModule):
         data_dir: str = "data",
         download: bool = False,
         batch_size: int = 128,
+        global_batch_size: int | None = None,
         eval_batch_size: int | None = None,
         val_size: int = 5000,
         split_seed: int = 0,
@@ -260,12 +264,14 @@ class CIFARDataModule(pl.LightningDataModule):
         for name, v, lo in (("batch_size", batch_size, 1), ("val_size", val_size, 0), ("num_workers", num_workers, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
-            raise ValueError(f"eval_batch_size must be null or an integer >= 1, got {eval_batch_size!r}")
+        for name, v in (("eval_batch_size", eval_batch_size), ("global_batch_size", global_batch_size)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be null or an integer >= 1, got {v!r}")
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.download = download
         self.batch_size = batch_size
+        self.global_batch_size = global_batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_size = val_size
         self.split_seed = split_seed
@@ -294,6 +300,18 @@ class CIFARDataModule(pl.LightningDataModule):
     def _rank_world(self) -> tuple[int, int]:
         t = self._trainer_or_none()
         return (int(t.global_rank), int(t.world_size)) if t is not None else (0, 1)
+
+    def per_device_batch_size(self) -> int:
+        """The training batch of one process: ``global_batch_size / world_size`` when set, else ``batch_size``."""
+        if self.global_batch_size is None:
+            return self.batch_size
+        world = self._rank_world()[1]
+        if self.global_batch_size % world:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} does not divide over the world size {world} "
+                f"(devices x num_nodes): use a multiple of {world}, or set a per-device batch_size instead"
+            )
+        return self.global_batch_size // world
 
     def _on_device(self, t: Tensor) -> Tensor:
         """``t`` on the trainer's accelerator when ``data_on_device`` (copied once), else ``t``."""
@@ -356,7 +374,7 @@ class CIFARDataModule(pl.LightningDataModule):
 
     def _loader(self, name: str, train: bool) -> TensorLoader | DataLoader:
         images, labels = self.split(name)
-        bs = self.batch_size if train else self.eval_batch_size
+        bs = self.per_device_batch_size() if train else self.eval_batch_size
         if self.loader == "tensor":
             return TensorLoader(self, images, labels, bs, shuffle=train, drop_last=train and self.drop_last)
         ds = _UInt8Images(images, labels, image_transform(self.augment, self.mean.tolist(), self.std.tolist(), train))
