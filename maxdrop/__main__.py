@@ -1,0 +1,3 @@
+from maxdrop.cli import main
+
+main()

@@ -1,0 +1,290 @@
+"""The ``maxdrop`` command: LightningCLI for CIFAR classification with configurable dropout slots.
+
+    maxdrop fit --config configs/quickstart.yaml --data.data_dir ../shared/data/cifar10-jpeg.tar.gz
+    maxdrop test --config configs/quickstart.yaml --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt
+    maxdrop slots maxdrop.models.ResNet18
+
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands: the model and the data
+are chosen by ``class_path`` (subclass mode), ``data.num_classes`` is linked into
+``model.init_args.num_classes``, the seed defaults to 0, each run's config is saved beside its
+event files in ``lightning_logs/version_N/config.yaml``, and checkpoints keep the last epoch and
+the best one by validation error (configurable under ``--checkpoint.*``). ``slots`` lists a
+backbone's dropout slots. Bad input ends with one paragraph on stderr and exit status 2 (set
+``MAXDROP_DEBUG=1`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from jsonargparse import ArgumentParser
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from maxdrop.models.slots import SlottedBackbone
+from maxdrop.module import ClassificationModule
+
+__all__ = ["LastAndBestCheckpoint", "MaxdropCLI", "PredictionWriter", "UsageError", "main"]
+
+PROG = "maxdrop"
+DESCRIPTION = (
+    "Train and evaluate CIFAR classifiers with MaxDropout and its peers in config-chosen dropout slots. "
+    "`maxdrop slots <backbone class>` lists a backbone's slots (e.g. maxdrop slots maxdrop.models.ResNet18)."
+)
+#: The errors that bad input raises (from our classes, Lightning, jsonargparse and the OS); reported as
+#: one paragraph instead of a traceback.
+USER_ERRORS = (ValueError, TypeError, KeyError, ImportError, OSError, MisconfigurationException)
+
+
+class UsageError(Exception):
+    """Bad command-line input, reported as one paragraph and exit status 2."""
+
+
+def _one_paragraph(message: str, limit: int = 1200) -> str:
+    """Collapse a (possibly nested, multi-line) error message into one line of at most ``limit`` chars."""
+    text = re.sub(r"\s+", " ", str(message)).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Lines of jsonargparse's nested messages that only restate the types tried and the value given.
+_NOISE = re.compile(
+    r"^\s*(-\s*)?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value"
+    r"|Expected a <class 'NoneType'>|Expected a path but)"
+)
+
+
+def _simplify(message: str) -> str:
+    """The part of a jsonargparse error message that says what is wrong."""
+    missing = re.search(r"File does not exist: '?([^'\n]+)'?", message)
+    if missing and 'key "config"' in message:
+        return f"config file '{missing.group(1)}' does not exist (given to --config)"
+    lines = [line for line in str(message).splitlines() if not _NOISE.match(line)]
+    text = " ".join(lines)
+    unknown = re.search(r"(module '[\w.]+' has no attribute '\w+'|No module named '[\w.]+')\.? Got value: (.+)$", text)
+    if unknown:
+        value = re.search(r"class_path='([^']+)'", unknown.group(2))
+        where = ".".join(re.findall(r'Parser key "([^"]+)"', text))
+        name = value.group(1) if value else unknown.group(2).strip()
+        return f"unknown class_path {name!r} (in {where}): {unknown.group(1)}"
+    return text
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of a chain (jsonargparse re-raises a class's own error inside its own)."""
+    while err.__cause__ is not None and isinstance(err.__cause__, USER_ERRORS):
+        err = err.__cause__
+    return err
+
+
+def _report(message: str) -> NoReturn:
+    wrapped = textwrap.fill(
+        _one_paragraph(message), width=100, initial_indent=f"{PROG}: error: ", subsequent_indent="  "
+    )
+    sys.stderr.write(wrapped + f"\n  (`{PROG} --help` lists the options; MAXDROP_DEBUG=1 shows the traceback)\n")
+    raise SystemExit(2)
+
+
+class MaxdropArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors are one short paragraph instead of usage plus nested detail."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if os.environ.get("MAXDROP_DEBUG") or not self.exit_on_error:
+            super().error(message, ex)
+        _report(_simplify(message))
+
+
+class LastAndBestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` is always the latest epoch, beside the best by the monitor.
+
+    Lightning 2.6 refreshes ``last.ckpt`` only in a step where it also wrote a top-k checkpoint, so with
+    a monitored metric that did not improve, ``last.ckpt`` would stay at an older epoch (a resume from it
+    would repeat epochs, and the last epoch's weights, which the paper reports, would be lost).
+    """
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: Any) -> None:
+        # Skipped when the step was already saved (then last.ckpt was written with it).
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Saves the predictions of ``maxdrop predict`` in the run folder.
+
+    The file holds ``{"preds": (N,) int64 classes, "probs": (N, num_classes) float32}`` in the order of
+    the predict dataloader (the test split for :class:`~maxdrop.data.CIFARDataModule`). A run with
+    several processes writes one file per rank, suffixed ``.rank<r>``.
+
+    Args:
+        filename: file name, relative to the run folder (``trainer.log_dir``) unless absolute.
+    """
+
+    def __init__(self, filename: str = "predictions.pt") -> None:
+        super().__init__(write_interval="epoch")
+        self.filename = filename
+
+    def write_on_epoch_end(self, trainer: Any, pl_module: Any, predictions: Sequence[Any], batch_indices: Any) -> None:
+        if predictions and isinstance(predictions[0], list):  # several predict dataloaders: keep the first
+            predictions = predictions[0]
+        if not predictions:
+            return
+        out = {key: torch.cat([p[key] for p in predictions]).cpu() for key in predictions[0]}
+        path = Path(self.filename)
+        if not path.is_absolute():
+            path = Path(trainer.log_dir or trainer.default_root_dir) / path
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.name}.rank{trainer.global_rank}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path)
+        rank_zero_info(f"predictions of {len(out['preds'])} images saved to {path}")
+
+
+class MaxdropCLI(LightningCLI):
+    """LightningCLI with the maxdrop defaults: links, checkpointing, seed, config saving, clear errors."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_kwargs", {"prog": PROG, "description": DESCRIPTION})
+        super().__init__(
+            model_class=ClassificationModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            parser_class=MaxdropArgumentParser,
+            auto_configure_optimizers=False,  # the module's own optimizer/lr_scheduler arguments do it
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--num_threads",
+            type=int | None,
+            default=None,
+            help="Threads of PyTorch's CPU ops (torch.set_num_threads); null = PyTorch's default, one per core. "
+            "1 is faster on a CPU shared with other jobs, where a thread that waits for a busy core stalls the rest.",
+        )
+        parser.set_defaults(
+            {
+                "model": {"class_path": "maxdrop.module.ClassificationModule"},
+                "data": {"class_path": "maxdrop.data.CIFARDataModule"},
+            }
+        )
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        # Always on, configurable under --checkpoint.*: the last epoch and the best by validation error.
+        parser.add_lightning_class_args(LastAndBestCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/error",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:03d}-val_error{val/error:.2f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def before_instantiate_classes(self) -> None:
+        threads = self._get(self.config, "num_threads")
+        if threads is not None:
+            if threads < 1:
+                raise UsageError(f"num_threads must be >= 1 (or null for one per core), got {threads}")
+            torch.set_num_threads(threads)
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        # "last", "best", "hpc", "registry..." are resolved by Lightning; anything else is a file.
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc") and not ckpt_path.startswith("registry"):
+            path = Path(ckpt_path)
+            if not path.is_file():
+                raise UsageError(f"checkpoint {ckpt_path!r} does not exist (--ckpt_path)")
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # noqa: BLE001 (any failure to load means the file is unusable)
+                raise UsageError(
+                    f"checkpoint {ckpt_path!r} cannot be loaded: it is not a valid Lightning checkpoint or is "
+                    f"truncated or corrupt ({type(err).__name__}: {_one_paragraph(err, 300)})"
+                ) from err
+        super()._parse_ckpt_path()
+
+
+def _import(path: str) -> Any:
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UsageError(f"cannot import {path!r} ({err}); give a full path such as maxdrop.models.ResNet18") from err
+
+
+def slots_main(argv: Sequence[str]) -> None:
+    """``maxdrop slots CLASS [--init_arg VALUE ...]``: print a backbone's slots and every slot position."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            f"usage: {PROG} slots BACKBONE_CLASS [--ARG VALUE ...]\n\n"
+            "Lists the dropout slots of a backbone (name: where it sits) and the full name of every\n"
+            "slot position, built with its default arguments or the ones given, e.g.\n"
+            f"  {PROG} slots maxdrop.models.ResNet18\n  {PROG} slots maxdrop.models.WideResNet --depth 16"
+        )
+        return
+    cls = _import(argv[0])
+    if not (isinstance(cls, type) and issubclass(cls, SlottedBackbone)):
+        raise UsageError(f"{argv[0]} has no dropout slots: it is not a maxdrop.models.SlottedBackbone subclass")
+    parser = ArgumentParser(prog=f"{PROG} slots {argv[0]}", exit_on_error=False)
+    parser.add_class_arguments(cls, skip={"slots"})
+    try:
+        cfg = parser.parse_args(list(argv[1:]))
+    except Exception as err:  # noqa: BLE001 (jsonargparse's ArgumentError)
+        raise UsageError(str(err)) from err
+    init = {k: v for k, v in cfg.as_dict().items() if k != "__path__"}
+    model = cls(**init)
+    args = ", ".join(f"{k}={v!r}" for k, v in init.items())
+    print(f"{argv[0]}({args})\n\nslots (fill with `slots: {{<name>: {{class_path: ...}}}}`):")
+    width = max(map(len, cls.SLOTS))
+    for name, where in cls.SLOTS.items():
+        print(f"  {name:<{width}}  {where}")
+    print("\nslot positions in forward order (the names that dropout_slots() and SparsityMonitor use):")
+    positions = model.slot_positions()
+    width = max(map(len, positions))
+    for name, where in positions.items():
+        print(f"  {name:<{width}}  {where}")
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``maxdrop`` console script (``args``: the command line without the program name)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        if argv and argv[0] == "slots":
+            slots_main(argv[1:])
+        else:
+            MaxdropCLI(args=None if args is None else argv)
+    except (UsageError, *USER_ERRORS) as err:
+        if os.environ.get("MAXDROP_DEBUG"):
+            raise
+        cause = _root_cause(err)
+        _report(str(cause) if isinstance(cause, (UsageError, ValueError)) else f"{type(cause).__name__}: {cause}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Named dropout slots that a config fills with any layer.
+
+A backbone declares its slots in :attr:`SlottedBackbone.SLOTS` (slot name -> where it
+sits) and takes ``slots={name: factory}``. A factory is anything that builds a fresh
+``nn.Module`` when called with no argument: a class (``maxdrop.MaxDropout``), a
+``functools.partial``, a lambda, or what jsonargparse builds from a YAML
+``class_path``/``init_args`` entry. A slot can occur at many positions (``block`` is in
+every residual block): each position calls the factory once, so no two positions share
+a layer instance. Unfilled slots hold ``nn.Identity``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping
+from typing import ClassVar
+
+from torch import nn
+
+__all__ = ["SlotFactory", "SlottedBackbone", "positive_int"]
+
+#: What a slot is filled with: a zero-argument callable that returns a new layer.
+SlotFactory = Callable[[], nn.Module]
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` if it is an int >= 1, else a ValueError naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class SlottedBackbone(nn.Module):
+    """Base class of the backbones with named dropout slots.
+
+    Subclasses set :attr:`SLOTS`, call ``super().__init__(slots)`` first, build each
+    slot layer with :meth:`make_slot` and either follow the staged layout that
+    :meth:`_slot_sites` reads or override it.
+
+    Args:
+        slots: slot name -> factory (or ``None`` for an empty slot). An ``nn.Module``
+            instance is accepted too: each position then gets a deep copy of it.
+
+    Raises:
+        ValueError: a slot name that the backbone does not have; the message lists the valid ones.
+        TypeError: ``slots`` is not a mapping, or a value is neither a module nor callable.
+    """
+
+    #: slot name -> where the slot sits (shown by ``maxdrop slots`` and in the docs).
+    SLOTS: ClassVar[dict[str, str]] = {}
+    #: where block position ``block.<i>`` sits, formatted with ``stage`` and ``block`` (1-based).
+    BLOCK_WHERE: ClassVar[str] = "stage {stage}, block {block}"
+
+    def __init__(self, slots: Mapping[str, SlotFactory | nn.Module | None] | None = None) -> None:
+        super().__init__()
+        self._slot_specs = self._check_slots(slots)
+
+    @classmethod
+    def describe_slots(cls) -> str:
+        """One line per slot: ``name: where it sits``."""
+        return "\n".join(f"{name}: {where}" for name, where in cls.SLOTS.items())
+
+    @classmethod
+    def _check_slots(cls, slots: object) -> dict[str, SlotFactory | nn.Module]:
+        if slots is None:
+            return {}
+        if not isinstance(slots, Mapping):
+            raise TypeError(f"slots must be a mapping of slot name -> layer factory, got {type(slots).__name__}")
+        unknown = [name for name in slots if name not in cls.SLOTS]
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__} has no dropout slot {', '.join(map(repr, unknown))}; valid slots: "
+                f"{', '.join(cls.SLOTS)} (`maxdrop slots {cls.__module__}.{cls.__name__}` says where each sits)"
+            )
+        for name, spec in slots.items():
+            if spec is not None and not isinstance(spec, nn.Module) and not callable(spec):
+                raise TypeError(
+                    f"slot {name!r} of {cls.__name__} must be filled with a layer factory (a class, partial or "
+                    f"class_path/init_args entry) or an nn.Module, got {spec!r}"
+                )
+        return {name: spec for name, spec in slots.items() if spec is not None}
+
+    def make_slot(self, name: str) -> nn.Module:
+        """A new layer for one position of slot ``name`` (``nn.Identity`` when the slot is empty)."""
+        spec = self._slot_specs.get(name)
+        if spec is None:
+            return nn.Identity()
+        layer = copy.deepcopy(spec) if isinstance(spec, nn.Module) else spec()
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"slot {name!r}: {spec!r} built a {type(layer).__name__}, not an nn.Module")
+        return layer
+
+    def _slot_sites(self) -> Iterator[tuple[str, str, nn.Module]]:
+        """Every slot position in forward order: (full name, where it sits, layer).
+
+        This default covers the staged layout of the maxdrop backbones: ``self.stages``
+        (sequences of blocks, each with a ``slot`` attribute), ``self.stage_slots`` (one
+        layer after each stage, keyed ``stage1``, ...) and ``self.head_slot``; the text of
+        a block position is ``self.BLOCK_WHERE`` formatted with ``stage`` and ``block``
+        (1-based). Backbones of another layout override this method.
+        """
+        i = 0
+        for s, (name, stage_slot) in enumerate(self.stage_slots.items()):
+            for b, block in enumerate(self.stages[s]):
+                yield f"block.{i}", self.BLOCK_WHERE.format(stage=s + 1, block=b + 1), block.slot
+                i += 1
+            yield name, self.SLOTS[name], stage_slot
+        yield "head", self.SLOTS["head"], self.head_slot
+
+    def slot_positions(self) -> dict[str, str]:
+        """Full name of every slot position (filled or not) -> where it sits, in forward order."""
+        return {name: where for name, where, _ in self._slot_sites()}
+
+    def dropout_slots(self) -> dict[str, nn.Module]:
+        """Full name -> layer of every *filled* slot position, in forward order.
+
+        Full names are the slot name for single-position slots (``stage1``, ``head``) and
+        ``<slot>.<i>`` for slots repeated in every block (``block.0`` ... ``block.B-1``).
+        """
+        return {name: layer for name, _, layer in self._slot_sites() if not isinstance(layer, nn.Identity)}

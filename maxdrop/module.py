@@ -1,0 +1,214 @@
+"""The image-classification LightningModule: a backbone, cross-entropy, accuracy and error rate.
+
+The optimizer and the LR scheduler come from the config (``OptimizerCallable`` and
+``LRSchedulerCallable``, given as ``class_path``/``init_args``); the defaults are the
+MaxDropout paper's recipe: SGD (lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4) and
+MultiStepLR at epochs 60/120/160 with gamma 0.2, for 200 epochs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from maxdrop.models import ResNet18
+from maxdrop.models.slots import positive_int
+
+__all__ = ["PAPER_LR_SCHEDULER", "PAPER_OPTIMIZER", "ClassificationModule", "ErrorRate"]
+
+#: The paper's optimizer, as a config entry (what ``--print_config`` shows by default).
+PAPER_OPTIMIZER: dict[str, Any] = {
+    "class_path": "torch.optim.SGD",
+    "init_args": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+}
+#: The paper's LR schedule (stepped once per epoch), as a config entry.
+PAPER_LR_SCHEDULER: dict[str, Any] = {
+    "class_path": "torch.optim.lr_scheduler.MultiStepLR",
+    "init_args": {"milestones": [60, 120, 160], "gamma": 0.2},
+}
+
+
+class ErrorRate(MulticlassAccuracy):
+    """Top-k error rate in percent, as the paper reports it: ``100 * (1 - accuracy)``."""
+
+    def compute(self) -> Tensor:
+        return 100.0 * (1.0 - super().compute())
+
+
+def _from_spec(spec: Any, what: str) -> Callable[..., Any]:
+    """A ``{"class_path", "init_args"}`` entry -> a partial of that class; callables pass through."""
+    if not isinstance(spec, dict):
+        return spec
+    if "class_path" not in spec:
+        raise ValueError(f"{what} must be a callable or a dict with a class_path (and init_args), got {spec!r}")
+    module_name, _, name = spec["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{what}: cannot import class_path {spec['class_path']!r} ({err})") from err
+    return partial(cls, **spec.get("init_args", {}))
+
+
+def _factory_class(factory: Callable[..., Any]) -> type | None:
+    """The class that a factory (a class, a partial of one, or jsonargparse's partial) builds, if known."""
+    if inspect.isclass(factory):
+        return factory
+    if isinstance(factory, partial):
+        # jsonargparse's factories are partial(wrapper, instantiator, cls, **init_args).
+        return next((a for a in (factory.func, *factory.args) if inspect.isclass(a)), None)
+    return None
+
+
+class ClassificationModule(LightningModule):
+    """Image classifier: ``backbone(num_classes)`` trained with (label-smoothed) cross-entropy.
+
+    Logged (``acc`` as a fraction in [0, 1], ``error`` in percent = 100 (1 - acc)):
+    ``train/loss`` (per step and epoch), ``train/acc``, ``train/error``, ``val/loss``,
+    ``val/acc``, ``val/error``, ``test/loss``, ``test/acc``, ``test/error``; with 100 classes
+    or more also ``{stage}/acc_top5`` and ``{stage}/error_top5``.
+
+    Args:
+        backbone: builds the network from the number of classes: a backbone class such as
+            :class:`maxdrop.models.ResNet18`, a ``functools.partial`` of one (e.g. with
+            ``slots=...``), or in YAML a ``class_path``/``init_args`` entry without
+            ``num_classes``. The network maps (N, 3, H, W) images to (N, num_classes) logits.
+        num_classes: number of classes; the CLI links it from the datamodule.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        optimizer: builds the optimizer from the parameters (default: the paper's SGD).
+        lr_scheduler: builds the LR scheduler from the optimizer, or ``None`` for a constant
+            LR (default: the paper's MultiStepLR). A scheduler class that takes
+            ``total_steps`` (such as ``OneCycleLR``) and is given none gets the run's total
+            number of optimizer steps, and is then stepped every step.
+        lr_scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps; ``None``
+            picks ``"step"`` for schedulers that got ``total_steps`` and ``"epoch"`` otherwise.
+
+    Raises:
+        ValueError: bad ``num_classes`` or ``label_smoothing``; a backbone whose output has
+            another number of classes (checked at setup).
+    """
+
+    def __init__(
+        self,
+        backbone: Callable[[int], nn.Module] = ResNet18,
+        num_classes: int = 10,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable = PAPER_OPTIMIZER,
+        lr_scheduler: LRSchedulerCallable | None = PAPER_LR_SCHEDULER,
+        lr_scheduler_interval: Literal["epoch", "step"] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.num_classes = positive_int("num_classes", num_classes)
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if lr_scheduler_interval not in (None, "epoch", "step"):
+            raise ValueError(f"lr_scheduler_interval must be 'epoch', 'step' or None, got {lr_scheduler_interval!r}")
+        if isinstance(backbone, nn.Module):
+            raise TypeError(
+                "backbone must build the network from num_classes (a class such as maxdrop.models.ResNet18 or a "
+                f"functools.partial of one), got the module instance {type(backbone).__name__}"
+            )
+        self.label_smoothing = float(label_smoothing)
+        self.optimizer_factory = _from_spec(optimizer, "optimizer")
+        self.lr_scheduler_factory = _from_spec(lr_scheduler, "lr_scheduler")
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.backbone = _from_spec(backbone, "backbone")(num_classes)
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_metrics", self._metrics(stage))
+
+    def _metrics(self, stage: str) -> MetricCollection:
+        n = self.num_classes
+        metrics = {"acc": MulticlassAccuracy(n, average="micro"), "error": ErrorRate(n, average="micro")}
+        if n >= 100:
+            metrics["acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
+            metrics["error_top5"] = ErrorRate(n, top_k=5, average="micro")
+        return MetricCollection(metrics, prefix=f"{stage}/")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, 3, H, W) images -> (N, num_classes) logits."""
+        return self.backbone(x)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        data_classes = getattr(dm, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(
+                f"the model has num_classes={self.num_classes} but the data has {data_classes} classes "
+                f"({type(dm).__name__}); use a model built for {data_classes} classes"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        own = self.state_dict()
+        differ = [
+            f"{k} is {tuple(v.shape)} there and {tuple(own[k].shape)} here"
+            for k, v in checkpoint.get("state_dict", {}).items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if differ:
+            trained = checkpoint.get("hyper_parameters", {}).get("num_classes")
+            why = (
+                f"it was trained for {trained} classes and this model has num_classes={self.num_classes}"
+                if trained not in (None, self.num_classes)
+                else f"was it trained for another number of classes than {self.num_classes} or another backbone?"
+            )
+            raise ValueError(f"the checkpoint does not fit this model ({'; '.join(differ[:2])}): {why}")
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits.detach(), y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=x.shape[0])
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """One optimizer step on a batch ((N, 3, H, W) images, (N,) int64 labels); returns the loss."""
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
+        """Predictions for a batch of images (or an (images, labels) batch; the labels are ignored).
+
+        Returns:
+            ``{"preds": (N,) int64 class indices, "probs": (N, num_classes) softmax probabilities}``.
+        """
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self(x).softmax(dim=1)
+        return {"preds": probs.argmax(dim=1), "probs": probs}
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        interval = self.lr_scheduler_interval
+        cls = _factory_class(self.lr_scheduler_factory)
+        given = getattr(self.lr_scheduler_factory, "keywords", {})
+        if cls is not None and "total_steps" in inspect.signature(cls).parameters and given.get("total_steps") is None:
+            total = int(self.trainer.estimated_stepping_batches)
+            scheduler = self.lr_scheduler_factory(optimizer, total_steps=total)
+            interval = interval or "step"
+        else:
+            scheduler = self.lr_scheduler_factory(optimizer)
+        config = {"scheduler": scheduler, "interval": interval or "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/error"
+        return {"optimizer": optimizer, "lr_scheduler": config}

@@ -1,0 +1,130 @@
+"""Every YAML under configs/ builds its model, datamodule and trainer, and says what the paper's table says."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from torch import nn
+
+from maxdrop import MaxDropout
+from maxdrop.callbacks import SparsityMonitor
+from maxdrop.cli import MaxdropCLI
+from maxdrop.data import CIFARDataModule
+from maxdrop.models import FastCNN, ResNet18, WideResNet
+from maxdrop.module import ClassificationModule
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PARTS = ("data", "model", "trainer")  # folders of config parts, composed by the files in paper/
+FULL = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in PARTS)
+
+# The paper's table: (backbone, dataset, variant) -> (slot layer per filled slot position, Cutout length or 0).
+PAPER_ROWS = {
+    f"{net}_{ds}_{variant}": (net, ds, variant)
+    for net in ("resnet18", "wrn28_10")
+    for ds in ("cifar10", "cifar100")
+    for variant in ("baseline", "dropout", "maxdropout", "cutout", "cutout_maxdropout")
+    if not (net == "resnet18" and variant == "dropout")
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    """LightningCLI warns when it gets args while sys.argv holds pytest's own."""
+    monkeypatch.setattr(sys, "argv", ["maxdrop"])
+
+
+def build(config: Path, *extra: str) -> MaxdropCLI:
+    """Parse and instantiate a config as `maxdrop fit --config ...` would, without running it."""
+    return MaxdropCLI(args=["--config", str(config), "--data.init_args.data_dir", "no/data/needed", *extra], run=False)
+
+
+def test_every_part_is_used_by_a_full_config():
+    used = set()
+    for path in FULL:
+        for key, value in yaml.safe_load(path.read_text()).items():
+            if key in PARTS and isinstance(value, str):
+                part = (path.parent / value).resolve()
+                assert part.is_file(), f"{path.name}: {key} -> {value} does not exist"
+                used.add(part)
+    parts = {p.resolve() for p in CONFIGS.rglob("*.yaml") if p.parent.name in PARTS}
+    assert parts and parts <= used, f"parts no full config uses: {sorted(map(str, parts - used))}"
+
+
+def test_the_paper_table_has_one_config_per_row():
+    assert {p.stem for p in (CONFIGS / "paper").glob("*.yaml")} == set(PAPER_ROWS)
+    assert (CONFIGS / "quickstart.yaml") in FULL
+
+
+def _monitoring_and_checkpointing(cli: MaxdropCLI) -> None:
+    callbacks = cli.trainer.callbacks
+    assert any(isinstance(c, SparsityMonitor) for c in callbacks)
+    ckpt = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
+    assert (ckpt.monitor, ckpt.mode, ckpt.save_last) == ("val/error", "min", True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", sorted(PAPER_ROWS))
+def test_paper_row_builds_what_the_paper_ran(row, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    net, ds, variant = PAPER_ROWS[row]
+    cli = build(CONFIGS / "paper" / f"{row}.yaml")
+    model, dm = cli.model, cli.datamodule
+    assert isinstance(model, ClassificationModule) and isinstance(dm, CIFARDataModule)
+    n_classes = 10 if ds == "cifar10" else 100
+    assert dm.dataset == ds and dm.num_classes == n_classes == model.num_classes
+    assert dm.batch_size == 128 and dm.augment.crop_padding == 4 and dm.augment.hflip
+    cutout = {"cifar10": 16, "cifar100": 8}[ds] if "cutout" in variant else 0
+    assert (dm.augment.cutout_holes, dm.augment.cutout_length if cutout else 0) == ((1, cutout) if cutout else (0, 0))
+    backbone = model.backbone
+    if net == "resnet18":
+        assert type(backbone) is ResNet18 and sum(p.numel() for p in backbone.parameters()) > 11e6
+        expected = [f"stage{s}" for s in range(1, 5)] if "maxdropout" in variant else []
+    else:
+        assert type(backbone) is WideResNet and len(backbone.slot_positions()) == 12 + 3 + 1
+        expected = [f"block.{i}" for i in range(12)] if "dropout" in variant else []
+    slots = backbone.dropout_slots()
+    assert list(slots) == expected
+    layer_type = nn.Dropout if variant == "dropout" else MaxDropout
+    assert all(type(m) is layer_type and m.p == 0.3 for m in slots.values())
+    assert backbone.fc.out_features == n_classes
+    # The paper's recipe.
+    assert cli.trainer.max_epochs == 200
+    opt = model.optimizer_factory([nn.Parameter(torch.zeros(1))])
+    assert isinstance(opt, torch.optim.SGD)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.1, 0.9, True, 5e-4)
+    sched = model.lr_scheduler_factory(opt)
+    assert isinstance(sched, torch.optim.lr_scheduler.MultiStepLR)
+    assert dict(sched.milestones) == {60: 1, 120: 1, 160: 1} and sched.gamma == 0.2
+    assert model.label_smoothing == 0.0
+    _monitoring_and_checkpointing(cli)
+
+
+def test_quickstart_builds_a_maxdropout_fastcnn(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build(CONFIGS / "quickstart.yaml")
+    backbone = cli.model.backbone
+    assert type(backbone) is FastCNN
+    assert list(backbone.dropout_slots()) == ["stage1", "stage2", "stage3"]
+    assert all(isinstance(m, MaxDropout) for m in backbone.dropout_slots().values())
+    assert cli.datamodule.loader == "tensor" and cli.datamodule.num_classes == 10
+    assert any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)
+    _monitoring_and_checkpointing(cli)
+
+
+def test_any_key_of_a_shipped_config_can_be_overridden(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build(
+        CONFIGS / "quickstart.yaml",
+        "--trainer.max_epochs=1",
+        "--model.init_args.label_smoothing=0.1",
+        "--data.init_args.batch_size=64",
+        "--model.init_args.backbone.init_args.widths=[8,16]",
+        "--model.init_args.backbone.init_args.slots={stage1: {class_path: torch.nn.Dropout2d, init_args: {p: 0.2}}}",
+    )
+    assert cli.trainer.max_epochs == 1 and cli.model.label_smoothing == 0.1 and cli.datamodule.batch_size == 64
+    slots = cli.model.backbone.dropout_slots()
+    assert list(slots) == ["stage1"] and type(slots["stage1"]) is nn.Dropout2d and slots["stage1"].p == 0.2
