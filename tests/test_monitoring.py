@@ -454,3 +454,27 @@ def test_a_slot_whose_channel_count_changes_keeps_exact_totals_and_drops_its_his
     assert monitor.logged["maxdrop/flex/dropped"] == counts["dropped"]
     assert monitor.logged["maxdrop/flex/train_zero_out"] == pytest.approx(counts["zero_out"] / counts["numel"])
     assert not [t for t in read_events(tmp_path / "version_0").Tags()["histograms"] if "flex" in t]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: torch.randn(300, 16, 8, 8).relu(), id="3 row blocks, the last one partial"),
+        pytest.param(lambda: torch.randn(64, 16, 8, 8).relu().to(memory_format=torch.channels_last), id="NHWC"),
+        pytest.param(lambda: torch.randn(64, 16, 8, 8).relu().bfloat16(), id="bfloat16"),
+        pytest.param(lambda: torch.randn(40, 7).relu(), id="(N, F)"),
+        pytest.param(lambda: torch.randn(40).relu(), id="(N,)"),
+        pytest.param(lambda: torch.tensor(0.0), id="0-dim"),
+    ],
+)
+@pytest.mark.parametrize("exact_limit", [2**24, 16], ids=["buffer path", "count_nonzero path"])
+def test_per_channel_counts_are_exact_for_any_layout(make, exact_limit, monkeypatch):
+    import maxdrop.callbacks.sparsity as sparsity
+
+    monkeypatch.setattr(sparsity, "_EXACT_COUNT", exact_limit)
+    x = make()
+    nz, mag = SparsityMonitor()._channel_stats(x, magnitude=True)
+    v = x.reshape(x.shape[0] if x.ndim else 1, x.shape[1] if x.ndim > 1 else 1, -1).float()
+    assert nz.dtype == torch.int64
+    assert torch.equal(nz, (v != 0).sum((0, 2)))
+    assert torch.allclose(mag, v.abs().sum((0, 2)), rtol=1e-5)
