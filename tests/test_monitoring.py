@@ -6,6 +6,7 @@ import json
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,8 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.ops import DropBlock2d
 
-from maxdrop import MaxDropout
+from maxdrop import MaxDropout, MaxDropoutV2
 from maxdrop.callbacks import SUMMARY_FORMAT, SparsityMonitor, find_dropout_slots, load_sparsity_summary
+from maxdrop.models import FastCNN, ResNet18, WideResNet
+from maxdrop.module import ClassificationModule
 
 SLOT_NAMES = ("stage1", "stage2", "head")
 CHANNELS = {"stage1": 4, "stage2": 6, "head": 6}
@@ -62,29 +65,35 @@ def authors_dropped(x: torch.Tensor, p: float) -> int:
     return int((z > 1 - p).sum())
 
 
-class TinyModule(pl.LightningModule):
-    """Records, independently of the monitor, what every slot saw: per (phase, epoch, slot)."""
+def v2_dropped(x: torch.Tensor, p: float) -> int:
+    """Elements MaxDropoutV2 drops: positions of the channel-summed map above 1 - p per sample, x C."""
+    s = x.sum(1).flatten(1)
+    mn, mx = s.min(1, keepdim=True).values, s.max(1, keepdim=True).values
+    return int(((s - mn) / (mx - mn) > 1 - p).sum()) * x.shape[1]
 
-    def __init__(self, backbone: nn.Module | None = None, record: bool = True) -> None:
-        super().__init__()
-        self.backbone = TinyBackbone() if backbone is None else backbone
-        self.record = record
+
+class Recording:
+    """LightningModule mixin: counts what every slot of ``self.backbone`` saw, per (phase, epoch, slot),
+    with its own forward hooks, independently of the monitor."""
+
+    def install_recorder(self) -> None:
         self.counts: dict[tuple[str, int, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.per_channel: dict[tuple[int, str], torch.Tensor] = {}
         self._phase: str | None = None
-        slots = self.backbone.dropout_slots() if hasattr(self.backbone, "dropout_slots") else {}
-        for name, layer in slots.items():
+        for name, layer in self.backbone.dropout_slots().items():
             layer.register_forward_hook(self._make_hook(name))
 
     def _make_hook(self, name: str):
         def hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> None:
-            if not self.record or self._phase is None:
+            if self._phase is None:
                 return
             x = args[0].detach()
             c = self.counts[(self._phase, self.current_epoch, name)]
             shut = (x != 0) & (y == 0)
-            if self._phase == "train" and isinstance(layer, MaxDropout):
+            if self._phase == "train" and type(layer) is MaxDropout:
                 c["dropped"] += authors_dropped(x, layer.p)
+            elif self._phase == "train" and type(layer) is MaxDropoutV2:
+                c["dropped"] += v2_dropped(x, layer.p)
             else:
                 c["dropped"] += int(shut.sum())
             c["seen"] += x.numel()
@@ -102,19 +111,45 @@ class TinyModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self._phase = "train"
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.backbone(x), y)
-        self._phase = None
-        return loss
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            self._phase = None
 
     def validation_step(self, batch, batch_idx):
         self._phase = None if self.trainer.sanity_checking else "val"
+        try:
+            return super().validation_step(batch, batch_idx)
+        finally:
+            self._phase = None
+
+
+class _Tiny(pl.LightningModule):
+    def __init__(self, backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = TinyBackbone() if backbone is None else backbone
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.backbone(x), y)
+
+    def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_loss", nn.functional.cross_entropy(self.backbone(x), y))
-        self._phase = None
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class TinyModule(Recording, _Tiny):
+    """The tiny model; with ``record``, independent counts of every slot (see :class:`Recording`)."""
+
+    def __init__(self, backbone: nn.Module | None = None, record: bool = True) -> None:
+        super().__init__(backbone)
+        if record and hasattr(self.backbone, "dropout_slots"):
+            self.install_recorder()
+        else:
+            self._phase = None
 
 
 def loader(n: int = 48, batch_size: int = 8, seed: int = 0) -> DataLoader:
@@ -478,3 +513,56 @@ def test_per_channel_counts_are_exact_for_any_layout(make, exact_limit, monkeypa
     assert nz.dtype == torch.int64
     assert torch.equal(nz, (v != 0).sum((0, 2)))
     assert torch.allclose(mag, v.abs().sum((0, 2)), rtol=1e-5)
+
+
+class RecordedClassifier(Recording, ClassificationModule):
+    """The project's LightningModule, with independent counts of every slot."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.install_recorder()
+
+
+def images(n: int, seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return DataLoader(ds, batch_size=4)
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        pytest.param(
+            partial(
+                FastCNN,
+                widths=(4, 8, 8),
+                slots={"stage1": partial(MaxDropout, 0.3), "block": partial(nn.Dropout2d, 0.2), "head": nn.Dropout},
+            ),
+            id="FastCNN",
+        ),
+        pytest.param(
+            partial(
+                ResNet18, width=4, slots={"stage2": partial(MaxDropoutV2, 0.3), "block": partial(DropBlock2d, 0.2, 3)}
+            ),
+            id="ResNet18",
+        ),
+        pytest.param(
+            partial(WideResNet, depth=10, widen_factor=1, slots={"block": partial(MaxDropout, 0.3)}), id="WRN-10-1"
+        ),
+    ],
+)
+def test_real_backbones_every_slot_matches_independent_counts(tmp_path, backbone):
+    torch.manual_seed(0)
+    module = RecordedClassifier(backbone=backbone, lr_scheduler=None)
+    monitor = SparsityMonitor()
+    trainer = make_trainer(tmp_path, monitor, epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, images(8, 0), images(4, 1))
+    summary = load_sparsity_summary(tmp_path / "version_0")
+    assert list(summary["slots"]) == list(module.backbone.dropout_slots())  # full names, forward order
+    for rec in summary["records"]:
+        tr, va = module.counts[("train", 0, rec["slot"])], module.counts[("val", 0, rec["slot"])]
+        assert (rec["dropped"], rec["seen"]) == (tr["dropped"], tr["seen"]), rec["slot"]
+        assert rec["train_zero_out"] == pytest.approx(tr["zero_out"] / tr["numel"])
+        assert rec["val_zero_in"] == pytest.approx(va["zero_in"] / va["numel"])
+    histograms = set(read_events(tmp_path / "version_0").Tags()["histograms"])
+    assert {f"maxdrop/{s}/channel_drop_rate" for s in summary["slots"]} <= histograms
