@@ -94,8 +94,10 @@ class ClassificationModule(LightningModule):
             picks ``"step"`` for schedulers that got ``total_steps`` and ``"epoch"`` otherwise.
 
     Raises:
-        ValueError: bad ``num_classes`` or ``label_smoothing``; a backbone whose output has
-            another number of classes (checked at setup).
+        ValueError: bad ``num_classes``, ``label_smoothing`` or ``lr_scheduler_interval``; data
+            with another number of classes (checked at setup); a checkpoint whose tensors do not
+            fit the model, e.g. one trained for another number of classes (checked on load).
+        TypeError: ``backbone`` is a module instance instead of something that builds one.
     """
 
     def __init__(
@@ -108,7 +110,6 @@ class ClassificationModule(LightningModule):
         lr_scheduler_interval: Literal["epoch", "step"] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         self.num_classes = positive_int("num_classes", num_classes)
         if not 0.0 <= float(label_smoothing) < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
@@ -119,6 +120,9 @@ class ClassificationModule(LightningModule):
                 "backbone must build the network from num_classes (a class such as maxdrop.models.ResNet18 or a "
                 f"functools.partial of one), got the module instance {type(backbone).__name__}"
             )
+        # Under LightningCLI this records the parsed config (class_path/init_args entries), from which
+        # load_from_checkpoint rebuilds the same model, slots included.
+        self.save_hyperparameters()
         self.label_smoothing = float(label_smoothing)
         self.optimizer_factory = _from_spec(optimizer, "optimizer")
         self.lr_scheduler_factory = _from_spec(lr_scheduler, "lr_scheduler")
@@ -170,9 +174,12 @@ class ClassificationModule(LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(logits.detach(), y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=x.shape[0])
+        train = stage == "train"
+        # Epoch losses of val/test are averaged over all DDP ranks (one all-reduce per epoch).
+        self.log(
+            f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=True, sync_dist=not train, batch_size=len(x)
+        )
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not train, batch_size=len(x))
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -128,3 +128,17 @@ def test_any_key_of_a_shipped_config_can_be_overridden(tmp_path, monkeypatch):
     assert cli.trainer.max_epochs == 1 and cli.model.label_smoothing == 0.1 and cli.datamodule.batch_size == 64
     slots = cli.model.backbone.dropout_slots()
     assert list(slots) == ["stage1"] and type(slots["stage1"]) is nn.Dropout2d and slots["stage1"].p == 0.2
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_60_percent_on_the_real_cifar10_and_test_agrees(cifar10_jpeg, tmp_path, monkeypatch):
+    """The README's main job: fit the quickstart on the real CIFAR-10, then `maxdrop test` its checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    data = ["--data.data_dir", str(cifar10_jpeg), "--data.init_args.cache_dir", str(tmp_path / "cache")]
+    quiet = ["--trainer.enable_progress_bar", "false"]
+    fit = MaxdropCLI(args=["fit", "--config", str(CONFIGS / "quickstart.yaml"), *data, *quiet])
+    val_acc = fit.trainer.callback_metrics["val/acc"].item()  # quickstart validates on the test split
+    assert val_acc >= 0.60
+    last = fit.trainer.checkpoint_callback.last_model_path
+    test = MaxdropCLI(args=["test", "--config", str(CONFIGS / "quickstart.yaml"), *data, *quiet, "--ckpt_path", last])
+    assert test.trainer.callback_metrics["test/acc"].item() == pytest.approx(val_acc, abs=1e-6)
