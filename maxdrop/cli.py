@@ -3,6 +3,8 @@
     maxdrop fit --config configs/quickstart.yaml --data.data_dir ../shared/data/cifar10-jpeg.tar.gz
     maxdrop test --config configs/quickstart.yaml --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt
     maxdrop slots maxdrop.models.ResNet18
+    maxdrop grid configs/paper/*.yaml --seeds 0 1 2    (maxdrop.grid)
+    maxdrop report lightning_logs/study                 (maxdrop.report)
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands: the model and the data
 are chosen by ``class_path`` (subclass mode), ``data.num_classes`` is linked into
@@ -40,8 +42,11 @@ __all__ = ["LastAndBestCheckpoint", "MaxdropCLI", "PredictionWriter", "UsageErro
 PROG = "maxdrop"
 DESCRIPTION = (
     "Train and evaluate CIFAR classifiers with MaxDropout and its peers in config-chosen dropout slots. "
-    "`maxdrop slots <backbone class>` lists a backbone's slots (e.g. maxdrop slots maxdrop.models.ResNet18)."
+    "Besides fit/validate/test/predict: `maxdrop slots <backbone class>` lists a backbone's slots, "
+    "`maxdrop grid` runs configs x seeds, `maxdrop report` tabulates and plots the runs (each has --help)."
 )
+#: Commands that are not LightningCLI subcommands: name -> module whose main(argv) -> exit status runs it.
+TOOLS = {"grid": "maxdrop.grid", "report": "maxdrop.report"}
 #: The errors that bad input raises (from our classes, Lightning, jsonargparse and the OS); reported as
 #: one paragraph instead of a traceback.
 USER_ERRORS = (ValueError, TypeError, KeyError, ImportError, OSError, MisconfigurationException)
@@ -277,6 +282,8 @@ def main(args: Sequence[str] | None = None) -> None:
     try:
         if argv and argv[0] == "slots":
             slots_main(argv[1:])
+        elif argv and argv[0] in TOOLS:
+            raise SystemExit(importlib.import_module(TOOLS[argv[0]]).main(argv[1:]))
         else:
             MaxdropCLI(args=None if args is None else argv)
     except (UsageError, *USER_ERRORS) as err:
