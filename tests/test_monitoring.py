@@ -455,7 +455,13 @@ def test_configurable_from_yaml(tmp_path):
     # Defaults alone are a valid entry too: what every shipped config lists.
     args = ["--trainer.callbacks+=maxdrop.callbacks.SparsityMonitor"]
     cli = LightningCLI(TinyModule, run=False, args=args, save_config_callback=None)
-    assert any(isinstance(c, SparsityMonitor) for c in cli.trainer.callbacks)
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, SparsityMonitor)]
+    assert (monitor.histograms, monitor.log_every_n_batches, monitor.summary_file) == (True, 0, "sparsity.json")
+    # The command-line form docs/monitoring.md shows for setting one of its arguments.
+    args += ["--trainer.callbacks.log_every_n_batches=50"]
+    cli = LightningCLI(TinyModule, run=False, args=args, save_config_callback=None)
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, SparsityMonitor)]
+    assert monitor.log_every_n_batches == 50
 
 
 class FlexBackbone(nn.Module):
