@@ -30,7 +30,7 @@ import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -164,6 +164,29 @@ class PredictionWriter(BasePredictionWriter):
         rank_zero_info(f"predictions of {len(out['preds'])} images saved to {path}")
 
 
+class SaveRunConfig(SaveConfigCallback):
+    """Saves the run's config as ``config.yaml`` in its run folder, never over another run's.
+
+    A run that continues in the same folder (``fit --ckpt_path ...`` resuming, or ``validate``/``test``/
+    ``predict`` logging into a fit's folder) keeps the fit's ``config.yaml`` and saves its own beside it as
+    ``config.<stage>.<n>.yaml``. A fresh ``fit`` into a folder that already holds a run is refused, as
+    Lightning does, so that two runs' logs are never mixed.
+    """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir and not self.overwrite:
+            log_dir = Path(trainer.log_dir)
+            continuing = stage != "fit" or bool(self.config.get("ckpt_path"))
+            name = self.config_filename
+            if trainer.is_global_zero and continuing and (log_dir / name).is_file():
+                n = 1
+                while (log_dir / f"config.{stage}.{n}.yaml").exists():
+                    n += 1
+                name = f"config.{stage}.{n}.yaml"
+            self.config_filename = trainer.strategy.broadcast(name)
+        super().setup(trainer, pl_module, stage)
+
+
 class MaxdropCLI(LightningCLI):
     """LightningCLI with the maxdrop defaults: links, checkpointing, seed, config saving, clear errors."""
 
@@ -176,6 +199,7 @@ class MaxdropCLI(LightningCLI):
             subclass_mode_data=True,
             seed_everything_default=0,
             parser_class=MaxdropArgumentParser,
+            save_config_callback=SaveRunConfig,
             auto_configure_optimizers=False,  # the module's own optimizer/lr_scheduler arguments do it
             args=args,
             run=run,

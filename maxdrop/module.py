@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import random
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -24,6 +26,35 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from maxdrop.models import ResNet18
 from maxdrop.models.slots import positive_int
+
+RNG_KEY = "maxdrop_rng_states"
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        # as plain types and tensors, so that checkpoints load with torch.load(weights_only=True)
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _numpy_state_to_plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
 
 __all__ = ["PAPER_LR_SCHEDULER", "PAPER_OPTIMIZER", "ClassificationModule", "ErrorRate"]
 
@@ -152,7 +183,14 @@ class ClassificationModule(LightningModule):
                 f"({type(dm).__name__}); use a model built for {data_classes} classes"
             )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Random layers (nn.Dropout, DropBlock2d, ...) draw from the global generators: saving them makes a
+        # resumed fit bitwise equal to a straight one. (Data order and augmentation have their own seeds.)
+        checkpoint[RNG_KEY] = _rng_states()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            _set_rng_states(checkpoint[RNG_KEY])  # resuming a fit; plain loading leaves the generators alone
         own = self.state_dict()
         differ = [
             f"{k} is {tuple(v.shape)} there and {tuple(own[k].shape)} here"
