@@ -329,7 +329,7 @@ class SparsityMonitor(pl.Callback):
                 with torch.no_grad():
                     acc.add(0, *self._channel_stats(x, phase == "train" and self.histograms))
             if phase == "train" and self._layer_counted[name]:
-                self._pending[name] = (module.seen_total, x.numel())
+                self._pending[name] = (module.last_dropped, x.numel())
 
         return pre_hook
 
@@ -345,8 +345,8 @@ class SparsityMonitor(pl.Callback):
                 with torch.no_grad():
                     acc.add(1, self._channel_stats(y, False)[0], None)
             if phase == "train" and name in self._pending:
-                seen_before, numel = self._pending.pop(name)
-                if module.seen_total != seen_before:  # the layer recorded this forward
+                before, numel = self._pending.pop(name)
+                if module.last_dropped is not before:  # the layer recorded this forward (a new count tensor)
                     d = module.last_dropped
                     acc.dropped = d if acc.dropped is None else acc.dropped + d
                     acc.seen += int(module.last_seen)

@@ -216,11 +216,13 @@ def max_dropout_v2(x: Tensor, p: float = 0.3, training: bool = True) -> Tensor:
 class _DropStats(nn.Module):
     """Drop counters shared by the maxdrop layers.
 
-    After each training forward: ``last_dropped`` (0-dim int64 tensor on the input's device,
-    so reading it needs no host-device sync until you call ``.item()``) and ``last_seen``
-    (a Python int). ``dropped_total`` / ``seen_total`` add up since :meth:`reset_drop_stats`.
-    The counters are plain attributes, not buffers, so DDP never broadcasts rank 0's values
-    over the other ranks' counts.
+    After each training forward: ``last_dropped`` (a new 0-dim int64 tensor on the input's
+    device, so reading it needs no host-device sync until you call ``.item()``) and ``last_seen``
+    (a Python int, fixed for a given input shape). ``dropped_total`` / ``seen_total`` (0-dim
+    int64 tensors, None before the first training forward) add up since :meth:`reset_drop_stats`.
+    Growing totals are tensors, not Python ints, so that a ``torch.compile``d layer is not
+    recompiled on every call. The counters are plain attributes, not buffers, so DDP never
+    broadcasts rank 0's values over the other ranks' counts.
     """
 
     def __init__(self) -> None:
@@ -231,13 +233,15 @@ class _DropStats(nn.Module):
         self.last_dropped: Tensor | None = None
         self.last_seen = 0
         self.dropped_total: Tensor | None = None
-        self.seen_total = 0
+        self.seen_total: Tensor | None = None
 
     def _record(self, dropped: Tensor, seen: int) -> None:
         self.last_dropped = dropped
         self.last_seen = seen
-        self.dropped_total = dropped if self.dropped_total is None else self.dropped_total + dropped
-        self.seen_total += seen
+        if self.dropped_total is None:
+            self.dropped_total, self.seen_total = dropped, torch.full_like(dropped, seen)
+        else:
+            self.dropped_total, self.seen_total = self.dropped_total + dropped, self.seen_total + seen
 
 
 class MaxDropout(_DropStats):
