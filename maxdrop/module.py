@@ -123,6 +123,14 @@ class ClassificationModule(LightningModule):
             number of optimizer steps, and is then stepped every step.
         lr_scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps; ``None``
             picks ``"step"`` for schedulers that got ``total_steps`` and ``"epoch"`` otherwise.
+        channels_last: keep the backbone's weights and the batches in channels-last memory
+            format (faster convolutions on GPUs with tensor cores, and with bf16/fp16).
+        compile: ``torch.compile`` the backbone when fit/validate/test/predict starts, i.e. after
+            the strategy (e.g. DDP) has wrapped the model. The compiled module is kept outside
+            the module tree, so checkpoints hold plain ``backbone.*`` keys (no ``_orig_mod.``)
+            and load into an uncompiled model.
+        compile_kwargs: arguments of ``torch.compile`` (e.g. ``{mode: max-autotune}``,
+            ``{backend: aot_eager}``); used when ``compile`` is on.
 
     Raises:
         ValueError: bad ``num_classes``, ``label_smoothing`` or ``lr_scheduler_interval``; data
@@ -139,8 +147,14 @@ class ClassificationModule(LightningModule):
         optimizer: OptimizerCallable = PAPER_OPTIMIZER,
         lr_scheduler: LRSchedulerCallable | None = PAPER_LR_SCHEDULER,
         lr_scheduler_interval: Literal["epoch", "step"] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.channels_last = bool(channels_last)
+        self.compile_backbone = bool(compile)  # not `self.compile`: that is nn.Module.compile()
+        self.compile_kwargs = dict(compile_kwargs or {})
         self.num_classes = positive_int("num_classes", num_classes)
         if not 0.0 <= float(label_smoothing) < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
@@ -172,7 +186,29 @@ class ClassificationModule(LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) images -> (N, num_classes) logits."""
-        return self.backbone(x)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        compiled = self.__dict__.get("_compiled_backbone")
+        return (self.backbone if compiled is None else compiled)(x)
+
+    def _prepare_fast_paths(self) -> None:
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        if self.compile_backbone and "_compiled_backbone" not in self.__dict__:
+            # Stored in __dict__, not as a submodule: the state_dict keeps plain backbone.* keys.
+            self.__dict__["_compiled_backbone"] = torch.compile(self.backbone, **self.compile_kwargs)
+
+    def on_fit_start(self) -> None:
+        self._prepare_fast_paths()
+
+    def on_validation_start(self) -> None:
+        self._prepare_fast_paths()
+
+    def on_test_start(self) -> None:
+        self._prepare_fast_paths()
+
+    def on_predict_start(self) -> None:
+        self._prepare_fast_paths()
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None

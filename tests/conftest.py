@@ -15,3 +15,13 @@ def cifar10_jpeg() -> Path:
             pytest.fail(f"{CIFAR10_JPEG} is missing in CI, where it must be present")
         pytest.skip(f"real CIFAR-10 not found at {CIFAR10_JPEG} (expected beside the project in ../shared/data)")
     return CIFAR10_JPEG
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Configs may set num_threads (torch.set_num_threads) in-process: keep that from leaking into other tests."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

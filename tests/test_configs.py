@@ -142,3 +142,33 @@ def test_quickstart_reaches_60_percent_on_the_real_cifar10_and_test_agrees(cifar
     last = fit.trainer.checkpoint_callback.last_model_path
     test = MaxdropCLI(args=["test", "--config", str(CONFIGS / "quickstart.yaml"), *data, *quiet, "--ckpt_path", last])
     assert test.trainer.callback_metrics["test/acc"].item() == pytest.approx(val_acc, abs=1e-6)
+
+
+STUDY = sorted((CONFIGS / "study").glob("*.yaml"))
+FRAGMENTS = sorted([*(CONFIGS / "cluster").glob("*.yaml"), *(CONFIGS / "speed").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("config", STUDY, ids=lambda p: p.stem)
+def test_study_configs_build_and_differ_from_the_baseline_only_in_slots_and_augmentation(config, tmp_path, monkeypatch):
+    from maxdrop.report import DEFAULT_COMPARED, config_key
+
+    monkeypatch.chdir(tmp_path)
+    cli = build(config)
+    assert isinstance(cli.model.backbone, FastCNN)
+    assert any(isinstance(cb, SparsityMonitor) for cb in cli.trainer.callbacks)
+    base, this = (config_key(yaml.safe_load(p.read_text())) for p in (CONFIGS / "study" / "no_dropout.yaml", config))
+    differ = {k for k in base.keys() | this.keys() if base.get(k) != this.get(k)}
+    assert all(any(k.startswith(c) for c in DEFAULT_COMPARED) for k in differ), differ
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.stem)
+def test_cluster_and_speed_fragments_compose_with_a_paper_row(fragment, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build(CONFIGS / "paper" / "resnet18_cifar10_maxdropout.yaml", "--config", str(fragment))
+    assert isinstance(cli.model.backbone, ResNet18) and len(cli.model.backbone.dropout_slots()) == 4
+    if fragment.stem == "ddp":
+        assert cli.datamodule.global_batch_size == 128 and cli.datamodule.per_device_batch_size() == 128
+        assert type(cli.trainer.strategy).__name__ == "DDPStrategy"
+    else:
+        assert cli.model.channels_last and cli.model.compile_backbone
+        assert cli.trainer.precision == "bf16-mixed" and cli.datamodule.data_on_device

@@ -158,3 +158,34 @@ def test_python_checkpoint_reloads_the_same_model_with_its_slots(tmp_path):
     torch.testing.assert_close(loaded.eval()(x), module.eval()(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"does not fit this model \(backbone.fc.weight is \(10, 8\) there and \(100"):
         ClassificationModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=False, num_classes=100)
+
+
+def test_compiled_and_channels_last_training_saves_plain_checkpoints(tmp_path):
+    """torch.compile after the strategy wrapped the model; the checkpoint loads into an uncompiled model."""
+    backbone = partial(FastCNN, widths=(4, 8, 8), slots={"stage1": partial(MaxDropout, 0.3)})
+    torch.manual_seed(0)
+    fast = ClassificationModule(
+        backbone=backbone, channels_last=True, compile=True, compile_kwargs={"backend": "aot_eager"}
+    )
+    data = DataLoader(TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))), batch_size=8)
+    t = trainer(max_epochs=1, limit_val_batches=0)
+    t.fit(fast, data)
+    assert "_compiled_backbone" in fast.__dict__  # training really ran through the compiled backbone
+    assert fast.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    t.save_checkpoint(tmp_path / "fast.ckpt")
+    keys = torch.load(tmp_path / "fast.ckpt", weights_only=False)["state_dict"].keys()
+    assert keys and not any("_orig_mod" in k for k in keys)
+    plain = ClassificationModule.load_from_checkpoint(
+        tmp_path / "fast.ckpt", weights_only=False, compile=False, channels_last=False
+    )
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(plain.eval()(x), fast.eval()(x))
+    # one training step of both from the same weights and batch: the compiled path computes the same
+    torch.manual_seed(1)
+    reference = ClassificationModule(backbone=backbone)
+    reference.load_state_dict(plain.state_dict())
+    xb, yb = next(iter(data))
+    g_fast = torch.autograd.grad(F.cross_entropy(fast.train()(xb), yb), list(fast.backbone.parameters()))
+    g_ref = torch.autograd.grad(F.cross_entropy(reference.train()(xb), yb), list(reference.backbone.parameters()))
+    for a, b in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
