@@ -145,7 +145,7 @@ def test_quickstart_reaches_60_percent_on_the_real_cifar10_and_test_agrees(cifar
 
 
 STUDY = sorted((CONFIGS / "study").glob("*.yaml"))
-FRAGMENTS = sorted([*(CONFIGS / "cluster").glob("*.yaml"), *(CONFIGS / "speed").glob("*.yaml")])
+FRAGMENTS = sorted([*(CONFIGS / "cluster").glob("*.yaml"), CONFIGS / "speed" / "gpu_fast.yaml"])
 
 
 @pytest.mark.parametrize("config", STUDY, ids=lambda p: p.stem)
@@ -172,3 +172,15 @@ def test_cluster_and_speed_fragments_compose_with_a_paper_row(fragment, tmp_path
     else:
         assert cli.model.channels_last and cli.model.compile_backbone
         assert cli.trainer.precision == "bf16-mixed" and cli.datamodule.data_on_device
+
+
+def test_time_to_94_config_builds_with_the_fast_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build(CONFIGS / "speed" / "resnet18_cifar10_94.yaml", "--config", str(CONFIGS / "speed" / "gpu_fast.yaml"))
+    assert isinstance(cli.model.backbone, ResNet18) and len(cli.model.backbone.dropout_slots()) == 4
+    assert cli.model.compile_backbone and cli.trainer.precision == "bf16-mixed"
+    assert {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")} >= {
+        "speed/resnet18_cifar10_94.yaml",
+        "speed/gpu_fast.yaml",
+        "cluster/ddp.yaml",
+    }
