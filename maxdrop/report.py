@@ -252,34 +252,51 @@ def build_table(groups: dict[str, list[Run]], baseline: str | None, test: str) -
     return header, rows
 
 
+def _aligned(curves: list[dict[int, float]]):
+    """The epochs every curve has, and the (curves, epochs) array of their values there."""
+    import numpy as np
+
+    epochs = sorted(set.intersection(*(set(c) for c in curves)))
+    return epochs, np.array([[c[e] for e in epochs] for c in curves])
+
+
+def _save(fig, ax, path: Path, ylabel: str, title: str, legend_size: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(groups: dict[str, list[Run]], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    written = []
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, runs in groups.items():
         curves = [dict(r.epochs) for r in runs if r.epochs]
-        if not curves:
-            continue
-        epochs = sorted(set.intersection(*(set(c) for c in curves)))
-        vals = np.array([[c[e] for e in epochs] for c in curves])
-        mean = vals.mean(0)
-        ax.plot(epochs, mean, label=f"{name} (n={len(curves)})")
-        ax.fill_between(epochs, vals.min(0), vals.max(0), alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation error (%)")
-    ax.set_title("Validation error: mean over seeds, band = min..max")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "val_error.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+        if curves:
+            epochs, vals = _aligned(curves)
+            ax.plot(epochs, vals.mean(0), marker="o", label=f"{name} (n={len(curves)})")
+            ax.fill_between(epochs, vals.min(0), vals.max(0), alpha=0.2)
+    written = [
+        _save(
+            fig,
+            ax,
+            out / "val_error.png",
+            "validation error (%)",
+            "Validation error: mean over seeds, band = min..max",
+            8,
+        )
+    ]
 
     series = {}
     for name, runs in groups.items():
@@ -288,22 +305,16 @@ def plot(groups: dict[str, list[Run]], out: Path) -> list[Path]:
             for slot, s in r.dropped_fractions().items():
                 per_slot[slot].append(dict(s))
         for slot, curves in per_slot.items():
-            epochs = sorted(set.intersection(*(set(c) for c in curves)))
-            series[(name, slot)] = (epochs, np.array([[c[e] for e in epochs] for c in curves]).mean(0))
+            epochs, vals = _aligned(curves)
+            series[(name, slot)] = (epochs, vals.mean(0))
     if series:
         fig, ax = plt.subplots(figsize=(8, 5))
         for (name, slot), (epochs, mean) in sorted(series.items()):
-            ax.plot(epochs, mean, label=f"{name}: {slot}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("dropped fraction (training, all steps of the epoch)")
-        ax.set_title("Units MaxDropout shut off, per slot (mean over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / "dropped_fraction.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+            ax.plot(epochs, mean, marker="o", label=f"{name}: {slot}")
+        if all(m.min() > 0 for _, m in series.values()):
+            ax.set_yscale("log")  # scopes differ by orders of magnitude
+        title = "Units MaxDropout shut off, per slot (mean over seeds)"
+        written.append(_save(fig, ax, out / "dropped_fraction.png", "dropped fraction (training)", title, 7))
     return written
 
 

@@ -17,6 +17,15 @@ def cifar10_jpeg() -> Path:
     return CIFAR10_JPEG
 
 
+@pytest.fixture(scope="session")
+def tiny_tree(tmp_path_factory) -> Path:
+    """A CIFAR-10 image-folder tree with 4 train and 2 test PNGs per class (image ids in the first pixels)."""
+    from data_helpers import CIFAR10_CLASSES, tree_files, write_image_tree
+
+    root = tmp_path_factory.mktemp("tiny") / "cifar10"
+    return write_image_tree(root, tree_files(CIFAR10_CLASSES, {"train": 4, "test": 2}))
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Configs may set num_threads (torch.set_num_threads) in-process: keep that from leaking into other tests."""

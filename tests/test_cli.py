@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from data_helpers import CIFAR10_CLASSES, tree_files, write_image_tree, write_official_dir
+from data_helpers import write_official_dir
 
 from maxdrop import MaxDropout
 from maxdrop.cli import MaxdropCLI, main
@@ -42,13 +42,6 @@ trainer:
   callbacks:
     - class_path: maxdrop.callbacks.SparsityMonitor
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_tree(tmp_path_factory) -> Path:
-    """A CIFAR-10 image-folder tree with 4 train and 2 test PNGs per class."""
-    root = tmp_path_factory.mktemp("tiny") / "cifar10"
-    return write_image_tree(root, tree_files(CIFAR10_CLASSES, {"train": 4, "test": 2}))
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import CIFAR10_CLASSES, tree_files, write_image_tree
 
 TESTS = Path(__file__).parent
 
@@ -51,12 +50,6 @@ trainer:
   callbacks:
     - class_path: maxdrop.callbacks.SparsityMonitor
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny") / "cifar10"
-    return write_image_tree(root, tree_files(CIFAR10_CLASSES, {"train": 4, "test": 2}))
 
 
 def _config(tmp_path: Path, tiny_tree: Path, augment: str = "{cutout_holes: 1, cutout_length: 8}") -> Path:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_helpers import CIFAR10_CLASSES, tree_files, write_image_tree
 
 from maxdrop.grid import commands, main, pairs
 from maxdrop.report import report
@@ -40,15 +39,14 @@ trainer:
 
 
 @pytest.fixture
-def grid_configs(tmp_path) -> list[Path]:
-    tree = write_image_tree(tmp_path / "cifar10", tree_files(CIFAR10_CLASSES, {"train": 4, "test": 2}))
+def grid_configs(tmp_path, tiny_tree) -> list[Path]:
     out = []
     for name, slots in (
         ("baseline", "null"),
         ("maxdropout", "{stage1: {class_path: maxdrop.MaxDropout, init_args: {p: 0.3}}}"),
     ):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(CONFIG.replace("DATA", str(tree)).replace("SLOTS", slots))
+        path.write_text(CONFIG.replace("DATA", str(tiny_tree)).replace("SLOTS", slots))
         out.append(path)
     return out
 
