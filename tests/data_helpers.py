@@ -140,3 +140,46 @@ def expected_split(files: dict[str, tuple[np.ndarray, int]], split: str) -> tupl
     items = sorted((v[1], rel, v[0]) for rel, v in files.items() if rel.startswith(split + "/"))
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(TREE_ORDER_SEED)).tolist()
     return np.stack([items[i][2] for i in order]), np.array([items[i][0] for i in order])
+
+
+def tiny_run_config(
+    data_dir: str,
+    slots: dict | str | None = "default",
+    lr_scheduler: dict | None | str = "paper",
+    data: dict | None = None,
+    trainer: dict | None = None,
+) -> str:
+    """YAML of a tiny `maxdrop fit` run: FastCNN (4-8-8 channels), SGD, the CIFAR datamodule, the monitor.
+
+    ``slots="default"``: MaxDropout(0.3) in ``stage1`` and nn.Dropout(0.1) in ``block``; ``lr_scheduler="paper"``
+    keeps the module's default; ``data``/``trainer`` update those sections' arguments.
+    """
+    import yaml
+
+    if slots == "default":
+        slots = {
+            "stage1": {"class_path": "maxdrop.MaxDropout", "init_args": {"p": 0.3}},
+            "block": {"class_path": "torch.nn.Dropout", "init_args": {"p": 0.1}},
+        }
+    model_args: dict = {
+        "backbone": {"class_path": "maxdrop.models.FastCNN", "init_args": {"widths": [4, 8, 8], "slots": slots}},
+        "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9}},
+    }
+    if lr_scheduler != "paper":
+        model_args["lr_scheduler"] = lr_scheduler
+    config = {
+        "model": {"class_path": "maxdrop.module.ClassificationModule", "init_args": model_args},
+        "data": {
+            "class_path": "maxdrop.data.CIFARDataModule",
+            "init_args": {"data_dir": str(data_dir), "batch_size": 8, "val_size": 10, "cache": False, **(data or {})},
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "max_epochs": 2,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [{"class_path": "maxdrop.callbacks.SparsityMonitor"}],
+            **(trainer or {}),
+        },
+    }
+    return yaml.safe_dump(config, sort_keys=False)

@@ -7,41 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from data_helpers import write_official_dir
+from data_helpers import tiny_run_config, write_official_dir
 
 from maxdrop import MaxDropout
 from maxdrop.cli import MaxdropCLI, main
 from maxdrop.module import ClassificationModule
 
-TINY_CONFIG = """
-model:
-  class_path: maxdrop.module.ClassificationModule
-  init_args:
-    backbone:
-      class_path: maxdrop.models.FastCNN
-      init_args:
-        widths: [4, 8, 8]
-        slots:
-          stage1: {class_path: maxdrop.MaxDropout, init_args: {p: 0.3}}
-          block: {class_path: torch.nn.Dropout, init_args: {p: 0.1}}
-    optimizer:
-      class_path: torch.optim.SGD
-      init_args: {lr: 0.05, momentum: 0.9}
-data:
-  class_path: maxdrop.data.CIFARDataModule
-  init_args:
-    data_dir: DATA
-    batch_size: 8
-    val_size: 10
-    cache: false
-trainer:
-  max_epochs: 2
-  limit_train_batches: 3
-  enable_progress_bar: false
-  enable_model_summary: false
-  callbacks:
-    - class_path: maxdrop.callbacks.SparsityMonitor
-"""
+TINY_CONFIG = tiny_run_config("DATA", trainer={"limit_train_batches": 3})
 
 
 @pytest.fixture(autouse=True)

@@ -13,43 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_helpers import tiny_run_config
 
 TESTS = Path(__file__).parent
 
-CONFIG = """
-model:
-  class_path: maxdrop.module.ClassificationModule
-  init_args:
-    backbone:
-      class_path: maxdrop.models.FastCNN
-      init_args:
-        widths: [4, 8, 8]
-        slots:
-          stage1: {class_path: maxdrop.MaxDropout, init_args: {p: 0.3}}
-          block: {class_path: torch.nn.Dropout, init_args: {p: 0.2}}
-    optimizer:
-      class_path: torch.optim.SGD
-      init_args: {lr: 0.05, momentum: 0.9}
-    lr_scheduler:
-      class_path: torch.optim.lr_scheduler.StepLR
-      init_args: {step_size: 1, gamma: 0.5}
-data:
-  class_path: maxdrop.data.CIFARDataModule
-  init_args:
-    data_dir: DATA
-    batch_size: 8
-    val_size: 10
-    cache: false
-    augment: AUGMENT
-trainer:
-  accelerator: cpu
-  devices: 1
-  max_epochs: 3
-  enable_progress_bar: false
-  enable_model_summary: false
-  callbacks:
-    - class_path: maxdrop.callbacks.SparsityMonitor
-"""
+CONFIG = tiny_run_config(
+    "DATA",
+    slots={
+        "stage1": {"class_path": "maxdrop.MaxDropout", "init_args": {"p": 0.3}},
+        "block": {"class_path": "torch.nn.Dropout", "init_args": {"p": 0.2}},
+    },
+    lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5}},
+    data={"augment": "AUGMENT"},
+    trainer={"devices": 1, "max_epochs": 3},
+)
 
 
 def _config(tmp_path: Path, tiny_tree: Path, augment: str = "{cutout_holes: 1, cutout_length: 8}") -> Path:

@@ -8,34 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from data_helpers import tiny_run_config
 
 from maxdrop.grid import commands, main, pairs
 from maxdrop.report import report
 
-CONFIG = """
-model:
-  class_path: maxdrop.module.ClassificationModule
-  init_args:
-    backbone:
-      class_path: maxdrop.models.FastCNN
-      init_args:
-        widths: [4, 8, 8]
-        slots: SLOTS
-    optimizer:
-      class_path: torch.optim.SGD
-      init_args: {lr: 0.05, momentum: 0.9}
-    lr_scheduler: null
-data:
-  class_path: maxdrop.data.CIFARDataModule
-  init_args: {data_dir: DATA, batch_size: 16, val_size: 10, cache: false}
-trainer:
-  accelerator: cpu
-  max_epochs: 2
-  enable_progress_bar: false
-  enable_model_summary: false
-  callbacks:
-    - class_path: maxdrop.callbacks.SparsityMonitor
-"""
+CONFIG = tiny_run_config("DATA", slots="SLOTS", lr_scheduler=None, data={"batch_size": 16})
 
 
 @pytest.fixture
