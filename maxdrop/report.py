@@ -162,7 +162,18 @@ def _name_groups(keys: list[dict[str, Any]]) -> list[str]:
     return names
 
 
+def _grid_layout(runs: list[Run]) -> bool:
+    """Whether the runs lie as `maxdrop grid` lays them out: <root>/<config name>/seed_<seed>/."""
+    return all(r.path.name.startswith("seed_") for r in runs)
+
+
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped into configs: by config folder in the grid layout, else by config content."""
+    if _grid_layout(runs):
+        groups: dict[str, list[Run]] = defaultdict(list)
+        for run in runs:
+            groups[run.path.parent.name].append(run)
+        return {name: sorted(v, key=lambda r: str(r.seed)) for name, v in sorted(groups.items())}
     by_key: dict[str, list[Run]] = {}
     keys: dict[str, dict[str, Any]] = {}
     for run in runs:
@@ -170,20 +181,30 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
         k = repr(sorted(key.items(), key=lambda kv: kv[0]))
         by_key.setdefault(k, []).append(run)
         keys[k] = key
-    names = {}
-    for k, runs_ in by_key.items():
-        # The grid runner lays runs out as <study>/<config name>/<seed folder>.
-        parents = {r.path.parent.name for r in runs_}
-        names[k] = parents.pop() if len(parents) == 1 else None
-    if None in names.values() or len(set(names.values())) < len(names):
-        for k, name in zip(keys, _name_groups(list(keys.values())), strict=True):
-            names[k] = name
+    names = dict(zip(keys, _name_groups(list(keys.values())), strict=True))
     return {names[k]: sorted(v, key=lambda r: str(r.seed)) for k, v in by_key.items()}
 
 
-def differing_keys(a: list[Run], b: list[Run]) -> list[str]:
-    ka, kb = config_key(a[0].config), config_key(b[0].config)
-    return sorted(k for k in set(ka) | set(kb) if ka.get(k) != kb.get(k))
+def differing_keys(a: dict[str, Any], b: dict[str, Any], compared: tuple[str, ...]) -> list[str]:
+    """Config keys in which two runs differ. A key that only one side has counts only under a compared
+    prefix (elsewhere it is an argument that a newer maxdrop added, saved at its default)."""
+    ka, kb = config_key(a), config_key(b)
+
+    def counts(k: str) -> bool:
+        return (k in ka and k in kb) or any(k == c or k.startswith(c + ".") for c in compared)
+
+    return sorted(k for k in set(ka) | set(kb) if ka.get(k) != kb.get(k) and counts(k))
+
+
+def _subtrees(keys: list[str], compared: tuple[str, ...]) -> list[str]:
+    """Keys under a compared prefix shortened to the prefix plus one level (e.g. ``...slots.stage1``)."""
+    out = []
+    for k in keys:
+        prefix = next((c for c in compared if k.startswith(c + ".")), None)
+        short = k if prefix is None else prefix + "." + k[len(prefix) + 1 :].split(".")[0]
+        if short not in out:
+            out.append(short)
+    return out
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -230,7 +251,8 @@ def build_table(groups: dict[str, list[Run]], baseline: str | None, test: str) -
         for r in runs:
             for slot, series in r.dropped_fractions().items():
                 slots[slot].append(series[-1][1])
-        dropped = "; ".join(f"{s} {statistics.fmean(v):.3f}" for s, v in sorted(slots.items())) or "-"
+        # 3 significant digits: with scope "tensor" MaxDropout often drops a few units in 10^5
+        dropped = "; ".join(f"{s} {statistics.fmean(v):.3g}" for s, v in sorted(slots.items())) or "-"
         times = [t for r in runs if (t := r.train_seconds) is not None]
         p = None
         if base is not None and name != baseline:
@@ -340,11 +362,21 @@ def report(
     if baseline is not None and baseline not in groups:
         raise ReportError(f"baseline {baseline!r} is not one of the configs found: {', '.join(groups)}")
     lines = []
+    for name, runs in groups.items():
+        mixed = sorted({k for r in runs[1:] for k in differing_keys(runs[0].config, r.config, ())})
+        if mixed and not allow_differences:
+            raise ReportError(
+                f"the runs of config {name!r} differ among themselves in "
+                + ", ".join(mixed)
+                + ": a row must hold seeds of one config (or pass --allow-differences)"
+            )
     if baseline is not None:
         for name, runs in groups.items():
-            diff = differing_keys(groups[baseline], runs)
+            if name == baseline:
+                continue
+            diff = differing_keys(groups[baseline][0].config, runs[0].config, compared)
             extra = [k for k in diff if not any(k == c or k.startswith(c + ".") for c in compared)]
-            if name != baseline and extra and not allow_differences:
+            if extra and not allow_differences:
                 raise ReportError(
                     f"config {name!r} differs from the baseline {baseline!r} in more than the compared keys "
                     f"({', '.join(compared)}): also in "
@@ -352,8 +384,9 @@ def report(
                     + ". Compare configs that differ in the compared keys only, name more with --compare, "
                     "or pass --allow-differences."
                 )
-            if name != baseline:
-                lines.append(f"- `{name}` differs from `{baseline}` in: " + ", ".join(f"`{k}`" for k in diff))
+            lines.append(
+                f"- `{name}` differs from `{baseline}` in: " + ", ".join(f"`{k}`" for k in _subtrees(diff, compared))
+            )
     out.mkdir(parents=True, exist_ok=True)
     header, rows = build_table(groups, baseline, test)
     with open(out / "report.csv", "w", newline="") as f:

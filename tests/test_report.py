@@ -56,7 +56,7 @@ def test_table_groups_seeds_by_config_and_tests_against_the_baseline(tmp_path):
     assert rows["baseline"]["test error % (mean ± std)"] == "31.00 ± 1.00"
     assert rows["maxdropout"]["min"] == "28.00" and rows["maxdropout"]["max"] == "29.00"
     assert rows["maxdropout"]["test error %, MaxDropout on in eval"] == "29.50"
-    assert rows["maxdropout"]["dropped fraction, last epoch"] == "stage1 0.120"
+    assert rows["maxdropout"]["dropped fraction, last epoch"] == "stage1 0.12"
     p = float(rows["maxdropout"]["p vs baseline (Welch t-test)"])
     assert 0 < p < 0.05
     assert "Unfinished runs" in text and "seed_9" in text
@@ -107,3 +107,20 @@ def test_unknown_baseline(tmp_path):
     make_run(tmp_path, "a", 0, 10.0)
     with pytest.raises(ReportError, match=r"baseline 'nope' is not one of the configs found: a"):
         report([tmp_path], tmp_path / "r", baseline="nope")
+
+
+def test_seeds_of_one_config_must_not_differ_and_new_default_keys_do_not_count(tmp_path):
+    make_run(tmp_path, "baseline", 0, 10.0)
+    newer = make_run(tmp_path, "baseline", 1, 11.0)
+    cfg = yaml.safe_load((newer / "config.yaml").read_text())
+    cfg["model"]["init_args"]["channels_last"] = False  # an argument a newer maxdrop saves at its default
+    (newer / "config.yaml").write_text(yaml.safe_dump(cfg))
+    report([tmp_path], tmp_path / "r")
+    assert list(csv.DictReader(open(tmp_path / "r" / "report.csv")))[0]["seeds"] == "2"
+
+    cfg["trainer"]["max_epochs"] = 9  # a real difference between two seeds of one row
+    (newer / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(
+        ReportError, match=r"the runs of config 'baseline' differ among themselves in trainer.max_epochs"
+    ):
+        report([tmp_path], tmp_path / "r")
