@@ -284,8 +284,10 @@ def _aligned(curves: list[dict[int, float]]):
 
 def _save(fig, ax, path: Path, ylabel: str, title: str, legend_size: int) -> Path:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -335,7 +337,7 @@ def plot(groups: dict[str, list[Run]], out: Path) -> list[Path]:
             ax.plot(epochs, mean, marker="o", label=f"{name}: {slot}")
         if all(m.min() > 0 for _, m in series.values()):
             ax.set_yscale("log")  # scopes differ by orders of magnitude
-        title = "Units MaxDropout shut off, per slot (mean over seeds)"
+        title = "Units each dropout slot shut off in training, per epoch (mean over seeds)"
         written.append(_save(fig, ax, out / "dropped_fraction.png", "dropped fraction (training)", title, 7))
     return written
 
