@@ -149,6 +149,11 @@ def max_dropout_mask(x: Tensor, p: float = 0.3, scope: str = "tensor") -> Tensor
     """
     p = _check_p(p)
     _check_scope(scope, x.ndim)
+    return _mask(x, p, scope)
+
+
+def _mask(x: Tensor, p: float, scope: str) -> Tensor:
+    """:func:`max_dropout_mask` for an already validated ``p`` and ``scope`` (the modules' hot path)."""
     if x.numel() == 0 or p == 0.0:
         return torch.zeros_like(x, dtype=torch.bool)
     start_dim = {"tensor": 0, "global": 0, "sample": 1, "channel": 2}[scope]
@@ -179,7 +184,7 @@ def max_dropout(x: Tensor, p: float = 0.3, scope: str = "tensor", training: bool
     _check_scope(scope, x.ndim)
     if not training or p == 0.0:
         return x
-    return x.masked_fill(max_dropout_mask(x, p, scope), 0)
+    return x.masked_fill(_mask(x, p, scope), 0)
 
 
 def _check_v2_input(x: Tensor) -> None:
@@ -191,6 +196,11 @@ def max_dropout_v2_mask(x: Tensor, p: float = 0.3) -> Tensor:
     """Mask of MaxDropoutV2 of shape (N, 1, H, W) (True = spatial position dropped)."""
     p = _check_p(p)
     _check_v2_input(x)
+    return _v2_mask(x, p)
+
+
+def _v2_mask(x: Tensor, p: float) -> Tensor:
+    """:func:`max_dropout_v2_mask` for an already validated ``p`` and a 4-dim ``x``."""
     if x.numel() == 0 or p == 0.0:
         return torch.zeros((x.shape[0], 1, *x.shape[2:]), dtype=torch.bool, device=x.device)
     with torch.no_grad():
@@ -210,7 +220,7 @@ def max_dropout_v2(x: Tensor, p: float = 0.3, training: bool = True) -> Tensor:
     _check_v2_input(x)
     if not training or p == 0.0:
         return x
-    return x.masked_fill(max_dropout_v2_mask(x, p), 0)
+    return x.masked_fill(_v2_mask(x, p), 0)
 
 
 class _DropStats(nn.Module):
@@ -281,7 +291,8 @@ class MaxDropout(_DropStats):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training or self.active_in_eval) or self.p == 0.0:
             return x
-        mask = max_dropout_mask(x, self.p, self.scope)
+        _check_scope(self.scope, x.ndim)
+        mask = _mask(x, self.p, self.scope)
         if self.training and self.track_stats:
             self._record(torch.count_nonzero(mask), mask.numel())
         return x.masked_fill(mask, 0)
@@ -316,7 +327,8 @@ class MaxDropoutV2(_DropStats):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training or self.active_in_eval) or self.p == 0.0:
             return x
-        mask = max_dropout_v2_mask(x, self.p)
+        _check_v2_input(x)
+        mask = _v2_mask(x, self.p)
         if self.training and self.track_stats:
             self._record(torch.count_nonzero(mask) * x.shape[1], x.numel())
         return x.masked_fill(mask, 0)
