@@ -43,12 +43,10 @@ def commands(config: Path, seed: int, root: Path, extra: list[str], active_in_ev
     name, version = config.stem, f"seed_{seed}"
     run_dir = root / name / version
     last = run_dir / "checkpoints" / "last.ckpt"
-    base = [sys.executable, "-m", "maxdrop", None, "--config", str(config), *extra, "--seed_everything", str(seed)]
+    common = ["--config", str(config), *extra, "--seed_everything", str(seed)]
 
     def cli(sub: str, *args: str) -> list[str]:
-        cmd = list(base)
-        cmd[3] = sub
-        return cmd + list(args)
+        return [sys.executable, "-m", "maxdrop", sub, *common, *args]
 
     fit = cli("fit", "--trainer.logger", _logger(root, name, version))
     if last.exists():
