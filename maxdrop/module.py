@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from maxdrop.distributed import destroy_process_group_at_exit
 from maxdrop.models import ResNet18
 from maxdrop.models.slots import positive_int
 
@@ -211,6 +212,7 @@ class ClassificationModule(LightningModule):
         self._prepare_fast_paths()
 
     def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
         dm = self.trainer.datamodule if self._trainer is not None else None
         data_classes = getattr(dm, "num_classes", None)
         if data_classes is not None and data_classes != self.num_classes:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from maxdrop.data.augment import AugmentConfig, apply_batch, image_transform, one_cpu_thread, sample_params
 from maxdrop.data.cache import default_cache_dir, load_or_decode
 from maxdrop.data.sources import DATASETS, Decoded, check_dataset, find_source
+from maxdrop.distributed import destroy_process_group_at_exit
 
 __all__ = ["LOADERS", "CIFARDataModule", "RawBatch", "TensorLoader"]
 
@@ -346,6 +347,7 @@ class CIFARDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the data and make the train/val split (every rank; cheap after the first call)."""
+        destroy_process_group_at_exit()
         if self._splits:
             return
         d = self.load()
