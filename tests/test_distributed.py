@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-# A rank that sets up the maxdrop model or data: an atexit handler registered *before* setup runs *after*
+# A rank that sets up the maxdrop model, data or monitor: an atexit handler registered *before* setup runs *after*
 # maxdrop's (LIFO), so it sees whether the group was destroyed in time.
 RANK = textwrap.dedent(
     """
@@ -22,6 +22,10 @@ RANK = textwrap.dedent(
         from maxdrop.module import ClassificationModule
         from maxdrop.models import FastCNN
         ClassificationModule(backbone=FastCNN).setup("fit")
+    elif sys.argv[1] == "monitor":
+        from maxdrop.callbacks import SparsityMonitor
+        from maxdrop.models import FastCNN
+        SparsityMonitor(summary_file=None).setup(None, FastCNN(), "fit")
     elif sys.argv[1] == "data":
         from maxdrop.data import CIFARDataModule
         dm = CIFARDataModule(data_dir="unused")
@@ -33,7 +37,7 @@ RANK = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("who", ["model", "data"])
+@pytest.mark.parametrize("who", ["model", "data", "monitor"])
 def test_setup_destroys_the_gloo_group_at_exit(who):
     out = subprocess.run([sys.executable, "-c", RANK, who], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -22,6 +22,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from maxdrop.distributed import destroy_process_group_at_exit
+
 __all__ = ["SUMMARY_FORMAT", "SparsityMonitor", "find_dropout_slots", "load_sparsity_summary"]
 
 #: ``format`` field of the summary file; bumped when its layout changes.
@@ -531,6 +533,7 @@ class SparsityMonitor(pl.Callback):
     # ---------------------------------------------------------------- Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        destroy_process_group_at_exit()
         self._records = {}
         self._batches = 0
         self._summary_path = None
