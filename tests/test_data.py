@@ -283,6 +283,49 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path):
     assert torch.equal(dm_for(folder, tmp_path, val_size=0).split("val")[0], a.split("test")[0])
 
 
+
+def image_ids(images: torch.Tensor) -> set[bytes]:
+    return {bytes(img.numpy()) for img in images}  # every synthetic image is unique
+
+
+def test_train_per_class_is_a_stratified_fixed_subset_outside_the_val_split(tmp_path):
+    folder = write_official_dir(tmp_path, n_train=400, n_test=20)
+    a = dm_for(folder, tmp_path, val_size=50, split_seed=3, train_per_class=5, seed=1)
+    (tx, ty), (vx, _) = a.split("train"), a.split("val")
+    assert torch.equal(torch.bincount(ty, minlength=10), torch.full((10,), 5))
+    assert image_ids(tx).isdisjoint(image_ids(vx))
+    full = dm_for(folder, tmp_path, val_size=50, split_seed=3)
+    assert torch.equal(vx, full.split("val")[0])  # the validation split does not depend on the subset
+    assert image_ids(tx) <= image_ids(full.split("train")[0])
+    # The same images for every training seed (and rank, and resume: nothing else enters the draw) ...
+    same = dm_for(folder, tmp_path, val_size=50, split_seed=3, train_per_class=5, seed=2)
+    assert torch.equal(same.split("train")[0], tx)
+    # ... another subset_seed draws other images, and a smaller subset lies inside a larger one.
+    other = dm_for(folder, tmp_path, val_size=50, split_seed=3, train_per_class=5, subset_seed=1)
+    assert image_ids(other.split("train")[0]) != image_ids(tx)
+    larger = dm_for(folder, tmp_path, val_size=50, split_seed=3, train_per_class=12, seed=1)
+    assert image_ids(tx) < image_ids(larger.split("train")[0])
+    assert a.hparams.train_per_class == 5 and a.hparams.subset_seed == 0  # saved in the run's config
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_train_per_class_is_a_clear_error(tmp_path, bad):
+    with pytest.raises(ValueError, match=rf"train_per_class must be null or an integer >= 1, got {bad!r}"):
+        dm_for(tmp_path, tmp_path, train_per_class=bad)
+
+
+def test_train_per_class_above_the_smallest_class_names_the_limit(tmp_path):
+    folder = write_official_dir(tmp_path, n_train=200, n_test=20)
+    after_val = dm_for(folder, tmp_path, val_size=40).split("train")[1]
+    counts = torch.bincount(after_val, minlength=10)
+    limit, smallest = int(counts.min()), CIFAR10_CLASSES[int(counts.argmin())]
+    assert dm_for(folder, tmp_path, val_size=40, train_per_class=limit).split("train")[0].shape[0] == 10 * limit
+    dm = dm_for(folder, tmp_path, val_size=40, train_per_class=limit + 1)
+    with pytest.raises(ValueError, match=rf"train_per_class={limit + 1} is more than the {limit} training images of "
+                       rf"class '{smallest}' after the 40-image validation split .* use at most {limit}"):
+        dm.setup()
+
+
 # --------------------------------------------------------------------------- augmentation
 
 
@@ -515,6 +558,18 @@ def test_real_cifar10_jpeg_tarball(cifar10_jpeg, tmp_path_factory):
     # The well-known CIFAR-10 statistics (JPEG shifts them only slightly).
     torch.testing.assert_close(dm.mean, torch.tensor([0.4914, 0.4822, 0.4465], dtype=torch.float64), atol=0.005, rtol=0)
     torch.testing.assert_close(dm.std, torch.tensor([0.2470, 0.2435, 0.2616], dtype=torch.float64), atol=0.01, rtol=0)
+
+
+
+@pytest.mark.slow
+def test_real_cifar10_small_data_subset(cifar10_jpeg, tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp().parent / "maxdrop-test-cache"
+    dm = CIFARDataModule(data_dir=str(cifar10_jpeg), cache_dir=str(cache), val_size=5000, train_per_class=100)
+    (tx, ty), (vx, vy) = dm.split("train"), dm.split("val")
+    assert tx.shape == (1000, 3, 32, 32) and torch.equal(torch.bincount(ty), torch.full((10,), 100))
+    assert len(vy) == 5000 and image_ids(tx).isdisjoint(image_ids(vx))
+    with pytest.raises(ValueError, match=r"train_per_class=4600 is more than the 4\d\d\d training images of class"):
+        CIFARDataModule(data_dir=str(cifar10_jpeg), cache_dir=str(cache), val_size=5000, train_per_class=4600).setup()
 
 
 class Recorder(TinyNet):

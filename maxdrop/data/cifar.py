@@ -26,7 +26,7 @@ __all__ = ["LOADERS", "CIFARDataModule", "RawBatch", "TensorLoader"]
 LOADERS = ("tensor", "dataloader")
 
 # Streams of the (seed, epoch, rank, ...) seed derivation; fixed forever so that runs stay reproducible.
-_SHUFFLE, _AUGMENT = 1, 2
+_SHUFFLE, _AUGMENT, _SUBSET = 1, 2, 3
 
 
 def derive_seed(*key: int) -> int:
@@ -220,6 +220,11 @@ class CIFARDataModule(pl.LightningDataModule):
         val_size: images held out of the train split for validation (seeded by ``split_seed``); 0 =
             validate on the test split.
         split_seed: seed of the train/validation split (the same on every rank and run).
+        train_per_class: train on a stratified subset of exactly this many images per class (small-data
+            studies); None = every training image. The validation split (``val_size``) is drawn first, so
+            the subset comes from the remaining images and never overlaps it.
+        subset_seed: seed of that subset, independent of ``seed`` and ``split_seed``: every seed of every
+            config of a study trains on the same images, and a smaller subset lies inside a larger one.
         seed: seed of the shuffle order and augmentation (tensor path); None = ``$PL_GLOBAL_SEED``
             (set by ``seed_everything``) or 0.
         loader: ``"tensor"`` (whole split as one uint8 tensor, batch-wise augmentation on the batch's
@@ -248,6 +253,8 @@ class CIFARDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         val_size: int = 5000,
         split_seed: int = 0,
+        train_per_class: int | None = None,
+        subset_seed: int = 0,
         seed: int | None = None,
         loader: str = "tensor",
         num_workers: int = 0,
@@ -265,7 +272,13 @@ class CIFARDataModule(pl.LightningDataModule):
         for name, v, lo in (("batch_size", batch_size, 1), ("val_size", val_size, 0), ("num_workers", num_workers, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        for name, v in (("eval_batch_size", eval_batch_size), ("global_batch_size", global_batch_size)):
+        if isinstance(subset_seed, bool) or not isinstance(subset_seed, int) or subset_seed < 0:
+            raise ValueError(f"subset_seed must be an integer >= 0, got {subset_seed!r}")
+        for name, v in (
+            ("eval_batch_size", eval_batch_size),
+            ("global_batch_size", global_batch_size),
+            ("train_per_class", train_per_class),
+        ):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be null or an integer >= 1, got {v!r}")
         self.save_hyperparameters()
@@ -276,6 +289,8 @@ class CIFARDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_size = val_size
         self.split_seed = split_seed
+        self.train_per_class = train_per_class
+        self.subset_seed = subset_seed
         self.seed = int(seed if seed is not None else os.environ.get("PL_GLOBAL_SEED", 0))
         if self.seed < 0:
             raise ValueError(f"seed must be null or an integer >= 0, got {self.seed}")
@@ -356,6 +371,8 @@ class CIFARDataModule(pl.LightningDataModule):
             raise ValueError(f"val_size={self.val_size} must be smaller than the train split ({n} images)")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
         val_idx, train_idx = perm[: self.val_size].sort().values, perm[self.val_size :].sort().values
+        if self.train_per_class is not None:
+            train_idx = self._stratified_subset(train_idx, d.train_labels, d.classes)
         test = (d.test_images, d.test_labels)
         self._splits = {
             "train": (d.train_images[train_idx], d.train_labels[train_idx]),
@@ -365,6 +382,25 @@ class CIFARDataModule(pl.LightningDataModule):
         self.classes = d.classes
         self.mean = torch.tensor(self.augment.mean, dtype=torch.float64) if self.augment.mean else d.mean.clone()
         self.std = torch.tensor(self.augment.std, dtype=torch.float64) if self.augment.std else d.std.clone()
+
+    def _stratified_subset(self, pool: Tensor, labels: Tensor, classes: list[str]) -> Tensor:
+        """``train_per_class`` indices of each class from ``pool`` (sorted indices into the train split).
+
+        Each class is shuffled by its own generator seeded by (subset_seed, class), and its first
+        ``train_per_class`` images are taken: the same images on every rank and resume, nested across sizes.
+        """
+        k, chosen = self.train_per_class, []
+        for c in range(self.num_classes):
+            members = pool[labels[pool] == c]
+            if k > len(members):
+                held = f" after the {self.val_size}-image validation split (val_size)" if self.val_size else ""
+                raise ValueError(
+                    f"train_per_class={k} is more than the {len(members)} training images of class "
+                    f"{classes[c]!r}{held}: use at most {len(members)}, or null for the whole split"
+                )
+            g = torch.Generator().manual_seed(derive_seed(self.subset_seed, _SUBSET, c))
+            chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
+        return torch.cat(chosen).sort().values
 
     def split(self, name: str) -> tuple[Tensor, Tensor]:
         """(uint8 images (N, 3, 32, 32), int64 labels (N,)) of ``"train"``, ``"val"`` or ``"test"``."""
