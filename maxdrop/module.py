@@ -22,7 +22,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from maxdrop.distributed import destroy_process_group_at_exit
 from maxdrop.models import ResNet18
@@ -108,7 +108,9 @@ class ClassificationModule(LightningModule):
     Logged (``acc`` as a fraction in [0, 1], ``error`` in percent = 100 (1 - acc)):
     ``train/loss`` (per step and epoch), ``train/acc``, ``train/error``, ``val/loss``,
     ``val/acc``, ``val/error``, ``test/loss``, ``test/acc``, ``test/error``; with 100 classes
-    or more also ``{stage}/acc_top5`` and ``{stage}/error_top5``.
+    or more also ``{stage}/acc_top5`` and ``{stage}/error_top5``. At test time also ``test/ece``
+    (expected calibration error of the softmax confidence, 15 equal-width bins, L1, a fraction) and
+    ``test/nll`` (mean negative log-likelihood of the true class, without label smoothing).
 
     Args:
         backbone: builds the network from the number of classes: a backbone class such as
@@ -176,6 +178,7 @@ class ClassificationModule(LightningModule):
         self.backbone = _from_spec(backbone, "backbone")(num_classes)
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_metrics", self._metrics(stage))
+        self.test_ece = MulticlassCalibrationError(self.num_classes, n_bins=15, norm="l1")
 
     def _metrics(self, stage: str) -> MetricCollection:
         n = self.num_classes
@@ -256,7 +259,16 @@ class ClassificationModule(LightningModule):
             f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=True, sync_dist=not train, batch_size=len(x)
         )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not train, batch_size=len(x))
+        if stage == "test":
+            self._log_fit_quality(logits.detach(), y)
         return loss
+
+    def _log_fit_quality(self, logits: Tensor, y: Tensor) -> None:
+        # Probabilities, not logits: torchmetrics would take logits that happen to lie in [0, 1] for probabilities.
+        self.test_ece.update(logits.softmax(dim=1), y)
+        self.log("test/ece", self.test_ece, on_step=False, on_epoch=True, batch_size=len(y))
+        nll = F.cross_entropy(logits, y)
+        self.log("test/nll", nll, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One optimizer step on a batch ((N, 3, H, W) images, (N,) int64 labels); returns the loss."""

@@ -189,3 +189,18 @@ def test_compiled_and_channels_last_training_saves_plain_checkpoints(tmp_path):
     g_ref = torch.autograd.grad(F.cross_entropy(reference.train()(xb), yb), list(reference.backbone.parameters()))
     for a, b in zip(g_fast, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_test_pass_logs_calibration_error_and_nll():
+    # Sample 0: right with confidence 0.9; sample 1: wrong with confidence 0.55 (bins 13 and 8 of 15).
+    x = torch.zeros(2, 3, 32, 32)
+    logits = x.view(2, -1)[:, :10]
+    for i, (cls, conf) in enumerate([(0, 0.9), (5, 0.55)]):
+        logits[i, cls] = torch.tensor(conf * 9 / (1 - conf)).log()  # softmax of (a, 0 x 9) gives a's class conf
+    labels = torch.tensor([0, 1])
+    module = ClassificationModule(backbone=FixedLogits, num_classes=10)
+    (metrics,) = trainer().test(module, DataLoader(TensorDataset(x, labels), batch_size=1), verbose=False)
+    assert metrics["test/ece"] == pytest.approx(((1 - 0.9) + (0.55 - 0)) / 2, abs=1e-5)
+    assert metrics["test/nll"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    (val,) = trainer().validate(module, DataLoader(TensorDataset(x, labels)), verbose=False)
+    assert "val/ece" not in val and "test/ece" not in val
