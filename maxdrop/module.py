@@ -188,12 +188,19 @@ class ClassificationModule(LightningModule):
             metrics["error_top5"] = ErrorRate(n, top_k=5, average="micro")
         return MetricCollection(metrics, prefix=f"{stage}/")
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, 3, H, W) images -> (N, num_classes) logits."""
+    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        """(N, 3, H, W) images -> (N, num_classes) logits.
+
+        ``targets`` ((N,) labels) go to the backbone only when it declares ``needs_targets`` (a head
+        layer such as ProbGuidedMaxout); ``training_step`` passes them, no other step does.
+        """
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         compiled = self.__dict__.get("_compiled_backbone")
-        return (self.backbone if compiled is None else compiled)(x)
+        backbone = self.backbone if compiled is None else compiled
+        if targets is not None and getattr(self.backbone, "needs_targets", False):
+            return backbone(x, targets)
+        return backbone(x)
 
     def _prepare_fast_paths(self) -> None:
         if self.channels_last:
@@ -249,7 +256,7 @@ class ClassificationModule(LightningModule):
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
-        logits = self(x)
+        logits = self(x, y if stage == "train" else None)  # labels never reach eval predictions
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(logits.detach(), y)

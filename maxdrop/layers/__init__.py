@@ -9,13 +9,23 @@ from maxdrop.layers.max_dropout import (
     max_dropout_v2,
     max_dropout_v2_mask,
 )
+from maxdrop.layers.prob_guided_maxout import (
+    ProbGuidedMaxout,
+    prob_guided_keep_fraction,
+    prob_guided_maxout,
+    prob_guided_maxout_mask,
+)
 
 __all__ = [
     "SCOPES",
     "MaxDropout",
     "MaxDropoutV2",
+    "ProbGuidedMaxout",
     "max_dropout",
     "max_dropout_mask",
     "max_dropout_v2",
     "max_dropout_v2_mask",
+    "prob_guided_keep_fraction",
+    "prob_guided_maxout",
+    "prob_guided_maxout_mask",
 ]

@@ -96,9 +96,14 @@ class FastCNN(SlottedBackbone):
         self.head_slot = self.make_slot("head")
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, 3, H, W) images -> (N, num_classes) logits."""
+    def classify(self, features: Tensor) -> Tensor:
+        """(N, widths[-1]) pooled features -> (N, num_classes) logits: the linear head times ``scale``."""
+        return self.fc(features) * self.scale
+
+    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        """(N, 3, H, W) images -> (N, num_classes) logits; ``targets`` (N,) reach only a head layer
+        that needs them (see :meth:`SlottedBackbone.apply_head`)."""
         x = self.stem(x)
         for stage, slot in zip(self.stages, self.stage_slots.values(), strict=True):
             x = slot(stage(x))
-        return self.fc(self.head_slot(self.pool(x).flatten(1))) * self.scale
+        return self.apply_head(self.pool(x).flatten(1), targets)

@@ -111,12 +111,13 @@ class ResNet(SlottedBackbone):
         self.head_slot = self.make_slot("head")
         self.fc = nn.Linear(c_in, num_classes)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, 3, H, W) images -> (N, num_classes) logits."""
+    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        """(N, 3, H, W) images -> (N, num_classes) logits; ``targets`` (N,) reach only a head layer
+        that needs them (see :meth:`SlottedBackbone.apply_head`)."""
         x = self.stem(x)
         for stage, slot in zip(self.stages, self.stage_slots.values(), strict=True):
             x = slot(stage(x))
-        return self.fc(self.head_slot(self.pool(x).flatten(1)))
+        return self.apply_head(self.pool(x).flatten(1), targets)
 
 
 class ResNet18(ResNet):

@@ -7,6 +7,10 @@ sits) and takes ``slots={name: factory}``. A factory is anything that builds a f
 ``class_path``/``init_args`` entry. A slot can occur at many positions (``block`` is in
 every residual block): each position calls the factory once, so no two positions share
 a layer instance. Unfilled slots hold ``nn.Identity``.
+
+A layer that declares ``needs_targets = True`` (:class:`maxdrop.layers.ProbGuidedMaxout`) may
+fill only the ``head`` slot: :meth:`SlottedBackbone.apply_head` calls it as
+``layer(features, targets, self.classify)`` when the backbone's forward got ``targets``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import copy
 from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["SlotFactory", "SlottedBackbone", "positive_int"]
 
@@ -88,7 +92,32 @@ class SlottedBackbone(nn.Module):
         layer = copy.deepcopy(spec) if isinstance(spec, nn.Module) else spec()
         if not isinstance(layer, nn.Module):
             raise TypeError(f"slot {name!r}: {spec!r} built a {type(layer).__name__}, not an nn.Module")
+        if getattr(layer, "needs_targets", False) and name != "head":
+            raise ValueError(
+                f"slot {name!r} of {type(self).__name__}: {type(layer).__name__} needs the targets and the "
+                "classifier, which only the `head` slot hands over; put it in `head`"
+            )
         return layer
+
+    @property
+    def needs_targets(self) -> bool:
+        """Whether the forward wants ``targets`` in training: the ``head`` layer declares ``needs_targets``."""
+        return bool(getattr(getattr(self, "head_slot", None), "needs_targets", False))
+
+    def classify(self, features: Tensor) -> Tensor:
+        """The classifier: (N, D) pooled features -> (N, num_classes) logits (``self.fc`` by default)."""
+        return self.fc(features)
+
+    def apply_head(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
+        """The ``head`` slot, then :meth:`classify`: (N, D) features -> (N, num_classes) logits.
+
+        ``targets`` ((N,) class indices) reach only a head layer that declares ``needs_targets``,
+        together with :meth:`classify` itself, so the layer scores the samples with the very
+        parameters that are trained (and that DDP synchronizes); other layers get ``features`` alone.
+        """
+        if targets is not None and self.needs_targets:
+            return self.classify(self.head_slot(features, targets, self.classify))
+        return self.classify(self.head_slot(features))
 
     def _slot_sites(self) -> Iterator[tuple[str, str, nn.Module]]:
         """Every slot position in forward order: (full name, where it sits, layer).

@@ -121,10 +121,10 @@ class WideResNet(SlottedBackbone):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, 3, H, W) images -> (N, num_classes) logits."""
+    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        """(N, 3, H, W) images -> (N, num_classes) logits; ``targets`` (N,) reach only a head layer
+        that needs them (see :meth:`SlottedBackbone.apply_head`)."""
         x = self.stem(x)
         for group, slot in zip(self.stages, self.stage_slots.values(), strict=True):
             x = slot(group(x))
-        x = self.pool(self.bn(x).relu()).flatten(1)
-        return self.fc(self.head_slot(x))
+        return self.apply_head(self.pool(self.bn(x).relu()).flatten(1), targets)
