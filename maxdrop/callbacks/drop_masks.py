@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from maxdrop.callbacks.sparsity import find_dropout_slots
@@ -371,8 +371,11 @@ class DropMaskImages(pl.Callback):
         backbone = getattr(pl_module, "backbone", None)
         if not writers:
             return self._turn_off("the trainer has no TensorBoardLogger")
-        if not isinstance(backbone, nn.Module) or not find_dropout_slots(backbone):
-            return self._turn_off("the LightningModule has no `backbone` with a filled dropout slot")
+        if not isinstance(backbone, nn.Module) or find_dropout_slots(backbone) is None:
+            return self._turn_off("the LightningModule has no `backbone` with a dropout_slots() method")
+        if not find_dropout_slots(backbone):  # a baseline without dropout: nothing to show, quietly
+            self._off_reason = "the backbone has no filled dropout slot"
+            return rank_zero_info(f"DropMaskImages: {self._off_reason}; no drop-mask images.")
         step = trainer.global_step
         param = next(backbone.parameters(), None)
         device = param.device if param is not None else pl_module.device
