@@ -1,13 +1,21 @@
 """ProbGuidedMaxout: its mask and output equal a literal transcription of the rule; gradients, eval,
 counters, bad input; the `head` slot of every backbone trains it through ClassificationModule; a
-`maxdrop fit` from YAML, with SparsityMonitor's count equal to an independent one."""
+`maxdrop fit` from YAML, with SparsityMonitor's count equal to an independent one; real DDP (2 gloo ranks).
+
+The DDP test runs ``python tests/test_prob_guided_maxout.py OUT_DIR``; Lightning's launcher starts
+rank 1 by running the same command again.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
 import sys
 from collections import defaultdict
 from functools import partial
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -325,3 +333,54 @@ def test_maxdrop_fit_from_yaml_counts_the_head_exactly(tmp_path, monkeypatch, ti
         assert [rec["dropped"], rec["seen"]] == counter.counts[epoch], epoch
         assert rec["seen"] == 3 * 8 * 16
     assert sum(r["dropped"] for r in head.values()) > 0
+
+
+def ddp_fit(out: Path) -> None:
+    """Fits with ProbGuidedMaxout in the head on 2 gloo ranks (strategy="ddp": no unused parameters allowed);
+    each rank saves its weights and writes its own independent counts and the monitor's figures."""
+    pl.seed_everything(0, verbose=False)
+    module = ClassificationModule(backbone=partial(FastCNN, widths=(4, 8, 16), slots={"head": ProbGuidedMaxout}))
+    counter, monitor = HeadCounter(), SparsityMonitor(histograms=False, summary_file=None)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        logger=False,
+        callbacks=[monitor, counter],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, images(24, 0), images(8, 1))
+    rank = trainer.global_rank
+    torch.save(module.backbone.state_dict(), out / f"rank{rank}.pt")
+    same_fc = all(c == module.backbone.classify for c in counter.classifiers)
+    record = {"counts": counter.counts[0], "logged": monitor.logged, "same_fc": same_fc}
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stay_in_sync_and_the_monitor_sums_their_counts(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    weights = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # fc and scale were trained by the gradients DDP averaged: the replicas stay equal.
+    assert weights[0]["head_slot.scale"] != 1.0
+    for key in ("head_slot.scale", "fc.weight", "stem.0.weight"):
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=0)
+    assert all(r["same_fc"] for r in ranks)
+    dropped, seen = (sum(r["counts"][i] for r in ranks) for i in (0, 1))
+    assert seen == 2 * 3 * 4 * 16
+    assert ranks[0]["logged"]["maxdrop/head/seen"] == seen
+    assert ranks[0]["logged"]["maxdrop/head/dropped"] == dropped > 0
+
+
+if __name__ == "__main__":
+    ddp_fit(Path(sys.argv[1]))
