@@ -218,6 +218,9 @@ def test_bad_inputs_are_named(x, logits, targets, match):
         prob_guided_maxout(x, logits, targets)
     with pytest.raises(ValueError, match=match):
         ProbGuidedMaxout()(x, targets, lambda f: logits)
+    if logits.shape[0] == x.shape[0]:  # checked before the real classifier would fail on x
+        with pytest.raises(ValueError, match=match):
+            ProbGuidedMaxout()(x, targets, nn.Linear(8, logits.shape[1]))
 
 
 BACKBONES = {

@@ -33,20 +33,30 @@ from maxdrop.layers.max_dropout import _DropStats
 __all__ = ["ProbGuidedMaxout", "prob_guided_keep_fraction", "prob_guided_maxout", "prob_guided_maxout_mask"]
 
 
-def _check_inputs(x: Tensor, logits: Tensor, targets: Tensor) -> None:
+def _check_descriptor(x: Tensor, targets: Tensor) -> None:
     if x.ndim != 2:
         raise ValueError(
             f"ProbGuidedMaxout expects a pooled descriptor of shape (N, D), got shape {tuple(x.shape)}; "
             "it belongs in a backbone's `head` slot"
         )
     n = x.shape[0]
-    if logits.ndim != 2 or logits.shape[0] != n:
-        raise ValueError(f"logits must have shape (N, num_classes) with N = {n}, got shape {tuple(logits.shape)}")
     if targets.shape != (n,) or targets.dtype.is_floating_point or targets.dtype.is_complex:
         raise ValueError(
             f"targets must be class indices of shape (N,) = ({n},) and an integer dtype, got shape "
             f"{tuple(targets.shape)} and dtype {targets.dtype}"
         )
+
+
+def _check_logits(x: Tensor, logits: Tensor) -> None:
+    if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"logits must have shape (N, num_classes) with N = {x.shape[0]}, got shape {tuple(logits.shape)}"
+        )
+
+
+def _check_inputs(x: Tensor, logits: Tensor, targets: Tensor) -> None:
+    _check_descriptor(x, targets)
+    _check_logits(x, logits)
 
 
 def prob_guided_keep_fraction(logits: Tensor, targets: Tensor) -> Tensor:
@@ -171,9 +181,10 @@ class ProbGuidedMaxout(_DropStats):
                 f"classifier={'None' if classifier is None else 'given'}: it must sit in a backbone's `head` slot "
                 "and be called as backbone(x, targets), which ClassificationModule does in training_step"
             )
+        _check_descriptor(x, targets)  # before the classifier sees x
         with torch.no_grad():
             logits = classifier(x.detach())
-        _check_inputs(x, logits, targets)
+        _check_logits(x, logits)
         keep_fraction = prob_guided_keep_fraction(logits, targets)
         keep = _keep_mask(x, keep_fraction)
         if self.training and self.track_stats:
