@@ -209,16 +209,27 @@ class _RngFence:
         random.setstate(self._py)
 
 
-def _private_copy(backbone: nn.Module) -> nn.Module:
-    """A deep copy of ``backbone`` without any hooks (other callbacks' hooks must not see its forward,
-    and copying them could copy the objects they are bound to)."""
-    memo: dict[int, Any] = {}
-    for m in backbone.modules():
-        for key, value in vars(m).items():
-            if "hook" in key and isinstance(value, dict):
-                memo[id(value)] = type(value)()
-    twin = copy.deepcopy(backbone, memo)
-    twin.__dict__.pop("_compiled_call_impl", None)  # nn.Module.compile() state: run the copy eagerly
+def _private_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` for a forward that must leave no trace on it.
+
+    Every module of the tree is copied shallowly, with its own buffers (cloned: BatchNorm statistics
+    and the like), its own tensor attributes (cloned: the maxdrop layers' drop counters), its own
+    mode flag and no hooks (another callback's hooks must not see the forward). Parameters are shared,
+    not copied: a forward under ``torch.no_grad`` only reads them. Nothing else is deep-copied, so
+    attributes such as the slot factories (which may hold locks) are simply shared.
+    """
+    twin = copy.copy(module)
+    state = twin.__dict__
+    for key, value in list(state.items()):
+        if "hook" in key and isinstance(value, dict):
+            state[key] = type(value)()
+        elif isinstance(value, Tensor):
+            state[key] = value.detach().clone()
+    state["_parameters"] = dict(module._parameters)
+    state["_buffers"] = {k: None if b is None else b.detach().clone() for k, b in module._buffers.items()}
+    state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    state["_modules"] = {k: None if m is None else _private_copy(m) for k, m in module._modules.items()}
+    state.pop("_compiled_call_impl", None)  # nn.Module.compile() state: run the copy eagerly
     return twin
 
 
