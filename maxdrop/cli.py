@@ -34,6 +34,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from maxdrop.callbacks.divergence import DivergenceGuard, TrainingDiverged
+from maxdrop.callbacks.hparams import HParamsSession
+from maxdrop.callbacks.requeue import SlurmRequeue, resumes_from_hpc_checkpoint
+from maxdrop.callbacks.tensorboard_layout import CustomScalarsLayout
 from maxdrop.models.slots import SlottedBackbone
 from maxdrop.module import ClassificationModule
 
@@ -92,12 +96,19 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def _report(message: str) -> NoReturn:
+def _report(message: str, status: int = 2) -> NoReturn:
+    """One paragraph on stderr, then exit: status 2 for bad input, 1 for a run that failed."""
     wrapped = textwrap.fill(
-        _one_paragraph(message), width=100, initial_indent=f"{PROG}: error: ", subsequent_indent="  "
+        _one_paragraph(message),
+        width=100,
+        initial_indent=f"{PROG}: error: ",
+        subsequent_indent="  ",
+        break_on_hyphens=False,  # paths and options stay whole, so they can be copied
+        break_long_words=False,
     )
-    sys.stderr.write(wrapped + f"\n  (`{PROG} --help` lists the options; MAXDROP_DEBUG=1 shows the traceback)\n")
-    raise SystemExit(2)
+    hint = f"`{PROG} --help` lists the options; " if status == 2 else ""
+    sys.stderr.write(wrapped + f"\n  ({hint}MAXDROP_DEBUG=1 shows the traceback)\n")
+    raise SystemExit(status)
 
 
 class MaxdropArgumentParser(LightningArgumentParser):
@@ -176,9 +187,19 @@ class SaveRunConfig(SaveConfigCallback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if not self.already_saved and self.save_to_log_dir and not self.overwrite:
             log_dir = Path(trainer.log_dir)
-            continuing = stage != "fit" or bool(self.config.get("ckpt_path"))
+            ckpt_path = self.config.get("ckpt_path")
+            # A requeued SLURM job resumes from its hpc checkpoint without --ckpt_path.
+            continuing = stage != "fit" or bool(ckpt_path) or resumes_from_hpc_checkpoint(trainer, ckpt_path)
+            taken = trainer.strategy.broadcast(trainer.is_global_zero and (log_dir / self.config_filename).is_file())
+            if taken and not continuing:
+                raise UsageError(
+                    f"the run folder {log_dir} already holds a run ({self.config_filename}): a fresh fit there would "
+                    "mix two runs' logs and checkpoints. Resume that run with --ckpt_path (e.g. "
+                    f"{log_dir / 'checkpoints' / 'last.ckpt'}), or give this one another folder (the logger's "
+                    "version or save_dir)"
+                )
             name = self.config_filename
-            if trainer.is_global_zero and continuing and (log_dir / name).is_file():
+            if trainer.is_global_zero and taken:  # a continuing run: its config goes beside the fit's
                 n = 1
                 while (log_dir / f"config.{stage}.{n}.yaml").exists():
                     n += 1
@@ -233,6 +254,8 @@ class MaxdropCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        # Inside a SLURM job: on --signal's SIGUSR1, save at a step boundary, requeue, resume exactly.
+        parser.add_lightning_class_args(SlurmRequeue, "requeue")
 
     def before_instantiate_classes(self) -> None:
         threads = self._get(self.config, "num_threads")
@@ -240,6 +263,11 @@ class MaxdropCLI(LightningCLI):
             if threads < 1:
                 raise UsageError(f"num_threads must be >= 1 (or null for one per core), got {threads}")
             torch.set_num_threads(threads)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        # Always on, outside the config: stop at a NaN loss, the TensorBoard layout and HParams session.
+        extra = [DivergenceGuard(), CustomScalarsLayout(), HParamsSession()]
+        return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -310,6 +338,10 @@ def main(args: Sequence[str] | None = None) -> None:
             raise SystemExit(importlib.import_module(TOOLS[argv[0]]).main(argv[1:]))
         else:
             MaxdropCLI(args=None if args is None else argv)
+    except TrainingDiverged as err:
+        if os.environ.get("MAXDROP_DEBUG"):
+            raise
+        _report(str(err), status=1)
     except (UsageError, *USER_ERRORS) as err:
         if os.environ.get("MAXDROP_DEBUG"):
             raise

@@ -27,6 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from maxdrop.distributed import destroy_process_group_at_exit
 from maxdrop.models import ResNet18
 from maxdrop.models.slots import positive_int
+from maxdrop.resume_checks import check_schedule_length, check_state_dict_keys
 
 RNG_KEY = "maxdrop_rng_states"
 
@@ -237,9 +238,14 @@ class ClassificationModule(LightningModule):
         checkpoint[RNG_KEY] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+        resuming = self._trainer is not None and self.trainer.state.fn == "fit"
+        if RNG_KEY in checkpoint and resuming:
             _set_rng_states(checkpoint[RNG_KEY])  # resuming a fit; plain loading leaves the generators alone
+        # configure_optimizers (after this hook) checks that the schedule can continue.
+        self._resumed_lr_schedulers = checkpoint.get("lr_schedulers") if resuming else None
         own = self.state_dict()
+        if self.strict_loading:
+            check_state_dict_keys(checkpoint, own, self.hparams.get("backbone"))
         differ = [
             f"{k} is {tuple(v.shape)} there and {tuple(own[k].shape)} here"
             for k, v in checkpoint.get("state_dict", {}).items()
@@ -306,6 +312,7 @@ class ClassificationModule(LightningModule):
         given = getattr(self.lr_scheduler_factory, "keywords", {})
         if cls is not None and "total_steps" in inspect.signature(cls).parameters and given.get("total_steps") is None:
             total = int(self.trainer.estimated_stepping_batches)
+            check_schedule_length(getattr(self, "_resumed_lr_schedulers", None), total, self.trainer)
             scheduler = self.lr_scheduler_factory(optimizer, total_steps=total)
             interval = interval or "step"
         else:
