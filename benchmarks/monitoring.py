@@ -15,7 +15,8 @@ callbacks). Prints the median step time of each variant, the ratio with / withou
 pairs of the ratio of their two steps, and the ratio of the medians), the time spent inside the
 monitor's forward hooks per step (the added work itself, free of the other steps' noise), and the
 monitor's end-of-epoch cost (all-reduce, logging, histograms, summary file) as a share of a CIFAR-10
-epoch at that batch.
+epoch at that batch. Last, the cost of one ``DropMaskImages`` write (K = 8 images through a copy of the
+backbone, one PNG grid per slot into TensorBoard), median of 5 writes, as a share of the same epoch.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from maxdrop.callbacks import SparsityMonitor
+from maxdrop.callbacks import DropMaskImages, SparsityMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_TRAIN = 50_000
@@ -99,6 +100,17 @@ class EpochEndTimer(SparsityMonitor):
         self.seconds.append(time.perf_counter() - t0)
 
 
+class DropMaskTimer(DropMaskImages):
+    """DropMaskImages writing after every epoch, timing each write."""
+
+    seconds: list[float] = []
+
+    def write(self, trainer, pl_module) -> None:
+        t0 = time.perf_counter()
+        super().write(trainer, pl_module)
+        self.seconds.append(time.perf_counter() - t0)
+
+
 def build_model(config: dict, slots: str) -> pl.LightningModule:
     """The config's ``model`` entry, instantiated as LightningCLI would."""
     model = config["model"]
@@ -111,20 +123,22 @@ def build_model(config: dict, slots: str) -> pl.LightningModule:
     return parser.instantiate_classes(parser.parse_object({"model": model})).model
 
 
-def fit(module: pl.LightningModule, data: DataLoader, steps: int, callbacks: list, root: str) -> None:
+def fit(module: pl.LightningModule, data: DataLoader, steps: int, callbacks: list, root: str, epochs: int = 1) -> None:
+    """``epochs`` of ``steps`` training steps; with more than one epoch one validation batch per epoch
+    (so that the validation set, where DropMaskImages takes its images from, is loaded)."""
     pl.Trainer(
         accelerator="cpu",
         devices=1,
-        max_epochs=1,
+        max_epochs=epochs,
         limit_train_batches=steps,
-        limit_val_batches=0,
+        limit_val_batches=0 if epochs == 1 else 1,
         num_sanity_val_steps=0,
         logger=TensorBoardLogger(root, name=""),
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-    ).fit(module, data)
+    ).fit(module, data, val_dataloaders=data)  # DropMaskImages picks its images from the validation set
 
 
 def main() -> None:
@@ -153,6 +167,10 @@ def main() -> None:
         module = build_model(config, args.slots)
         fit(module, data, steps, [alternate, monitor], root)
         fit(build_model(config, args.slots), data, 10, [EpochEndTimer()], root)
+        images = DropMaskTimer(every_n_epochs=1)
+        fit(build_model(config, args.slots), data, 1, [images], root, epochs=5)
+        if images._off_reason is not None:
+            raise SystemExit(f"DropMaskImages wrote nothing: {images._off_reason}")
     off, on = alternate.times[False][1:], alternate.times[True][1:]
     pair_ratios = [b / a for a, b in zip(off, on, strict=True)]
     med_off, med_on = statistics.median(off) * 1e3, statistics.median(on) * 1e3
@@ -177,6 +195,13 @@ def main() -> None:
     print(
         f"end of epoch (all-reduce, logging, histograms, summary file): {epoch_end:.1f} ms = "
         f"{epoch_end / (epoch_steps * med_off) * 100:.3f}% of a {epoch_steps}-step CIFAR-10 epoch"
+    )
+
+    write = statistics.median(DropMaskTimer.seconds) * 1e3
+    print(
+        f"one DropMaskImages write ({images.num_images} images, {len(images.skipped) or 'no'} slot skipped): "
+        f"{write:.1f} ms = {write / (epoch_steps * med_off) * 100:.3f}% of a {epoch_steps}-step CIFAR-10 epoch "
+        f"(median of {len(DropMaskTimer.seconds)} writes)"
     )
 
 
