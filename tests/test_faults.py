@@ -103,7 +103,9 @@ def test_monitor_counts_nonfinite_inputs_and_skips_them_in_histograms(tmp_path):
     slots = {"stage1": partial(NaNAfter, 2), "head": partial(nn.Dropout, 0.1)}
     module = ClassificationModule(backbone=partial(FastCNN, widths=(4, 8, 8), slots=slots), lr_scheduler=None)
     g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+    )
     monitor = SparsityMonitor()
     trainer = pl.Trainer(
         default_root_dir=tmp_path, max_epochs=1, limit_val_batches=0, accelerator="cpu",
@@ -184,5 +186,7 @@ def test_checkpoint_of_another_backbone_names_the_keys(tmp_path, tiny_tree, back
         trainer.test(model, torch.utils.data.DataLoader(data, batch_size=4), ckpt_path=last)
     message = str(err.value)
     assert expected in message
-    assert "it was trained with the backbone maxdrop.models.FastCNN with slots {'stage1': 'maxdrop.MaxDropout'" in message
+    assert (
+        "it was trained with the backbone maxdrop.models.FastCNN with slots {'stage1': 'maxdrop.MaxDropout'" in message
+    )
     assert f"this model has {backbone.func.__name__};" in message

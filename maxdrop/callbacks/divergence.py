@@ -68,9 +68,10 @@ class DivergenceGuard(pl.Callback):
             if self._last_finite
             else "no step had a finite loss"
         )
+        shown = value if not math.isfinite(value) else "non-finite on another rank"
         where = f"step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})"
         raise TrainingDiverged(
-            f"training diverged at {where}: the loss is {value if not math.isfinite(value) else 'non-finite on another rank'}; "
+            f"training diverged at {where}: the loss is {shown}; "
             f"{last}; learning rate {_learning_rates(trainer)}. The run stopped before saving this step's weights: "
             f"{_last_checkpoint(trainer)}. Lower the learning rate (e.g. --model.init_args.optimizer.init_args.lr) "
             "or warm it up, clip gradients (--trainer.gradient_clip_val 1.0), or check the data for NaN/inf values."

@@ -49,8 +49,6 @@ _EXACT_COUNT = EXACT_COUNT
 _EPOCH_KEYS = ("dropped", "seen", "dropped_fraction", "train_zero_in", "train_zero_out", "nonfinite")
 
 
-
-
 class SparsityMonitor(pl.Callback):
     """Logs how many units each dropout slot shuts off and how sparse its activations are.
 

@@ -74,7 +74,9 @@ def reduce_sums(
             if acc is None or acc.channels != c:
                 parts.append(torch.zeros(3 * c, dtype=torch.float64, device=device))
             else:
-                parts.append(torch.cat([acc.cnt.to(device, torch.float64).flatten(), acc.mag.to(device, torch.float64)]))
+                parts.append(
+                    torch.cat([acc.cnt.to(device, torch.float64).flatten(), acc.mag.to(device, torch.float64)])
+                )
         payload = torch.cat(parts)
     else:
         payload = scalars.flatten()
