@@ -1,0 +1,349 @@
+"""TopKDropout: drop a set *fraction* of the most active units, exactly.
+
+In training, for each scope (see :data:`~maxdrop.layers.max_dropout.SCOPES`) with ``n``
+elements and ``k = round(rate * n)`` (Python's round)::
+
+    t = kthvalue(x_scope, n - k)          # the (n - k)-th smallest value of the scope
+    y = where(x > t, 0, x)                # k elements dropped when the values are distinct
+
+Ties at ``t`` are kept, so at most ``k`` elements are dropped. ``k = 0`` is the identity,
+``k = n`` drops every element. NaN orders as larger than every number (as in ``torch.sort``)
+and is never dropped unless ``k = n``.
+
+Selection without sorting the scope: a strided subsample of each scope gives a few pivot
+values around the expected threshold; one cache-blocked pass counts exactly how many elements
+lie at or below each pivot; the two pivots whose counts enclose rank ``n - k`` bracket ``t``,
+and ``t`` is picked among the few elements inside that bracket. A scope whose bracket misses
+(an unlucky subsample, heavy ties) falls back to ``torch.kthvalue`` on that scope alone, so
+the result is always exact, only sometimes slower. With ``scope="global"`` under DDP the pivot
+counts and the in-bracket candidates are all-reduced / all-gathered, so every rank uses the
+threshold that one process would compute on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from maxdrop.layers.max_dropout import _check_scope, _DropStats
+
+__all__ = ["TopKDropout", "top_k_dropout", "top_k_dropout_mask"]
+
+# Pivots, in standard deviations of the subsample rank around the expected threshold: more pivots
+# cost one counting pass each and leave fewer candidates between the two that enclose it.
+_Z_ROWS = torch.linspace(-3.2, 3.2, 9, dtype=torch.float64)
+_Z_FLAT = torch.tensor([-3.0, 3.0], dtype=torch.float64)
+_SUB_MIN, _SUB_MAX, _SUB_FLAT = 64, 1024, 1 << 15  # subsample size: per row (1 in 16, clamped) / flat
+_RUN = 16  # the subsample takes runs of this many consecutive elements
+# Elements per block of the counting and gathering passes: a 4 MB scratch buffer is reused from
+# the heap, where a fresh tensor of the input's size would pay a page fault per 4 KB.
+_BLOCK = 1 << 20
+_FLAT_ROW = 1 << 14  # flat scopes are cut into rows of this length for blocking
+
+
+def _check_fraction(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number in [0, 1], got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return value
+
+
+def _scope_rows(x: Tensor, start_dim: int) -> Tensor:
+    """``x`` as (A, B, L): one row per scope (dims ``start_dim..`` flattened), a view when the
+    memory allows it (e.g. channels_last); the order inside a row is irrelevant to the rule."""
+    tail = sorted(range(start_dim, x.ndim), key=lambda d: -x.stride(d))  # stable: ties keep order
+    v = x.permute(*range(start_dim), *tail).flatten(start_dim) if start_dim < x.ndim else x[..., None]
+    if start_dim < 2:
+        return v.reshape(1, 1, -1) if start_dim == 0 else v.unsqueeze(1)
+    return v.reshape(*x.shape[:2], v.shape[-1])  # start_dim == 2 (a view: dims 0, 1 untouched)
+
+
+def _count_le(v: Tensor, piv: Tensor) -> Tensor:
+    """Exact ``#(v <= piv[..., j])`` per row: v (A, B, L), piv (A, B, P) -> float64 (A, B, P).
+
+    Block by block of rows (the block stays in cache across the pivots), each comparison is
+    written as 0./1. floats into a scratch buffer and summed: much faster on the CPU than
+    summing bools, and float32 sums of 0/1 are exact below 2**24.
+    """
+    a, b, length = v.shape
+    step = max(1, _BLOCK // max(1, b * length))
+    acc = torch.float32 if length < (1 << 24) else torch.float64
+    buf = torch.empty(min(step, a) * b * length, dtype=acc, device=v.device)
+    out = torch.empty(piv.shape, dtype=torch.float64, device=v.device)
+    for i in range(0, a, step):
+        vb, pb = v[i : i + step], piv[i : i + step]
+        cmp = buf[: vb.numel()].view(vb.shape)
+        for j in range(piv.shape[-1]):
+            out[i : i + step, :, j] = torch.le(vb, pb[..., j : j + 1], out=cmp).sum(-1)
+    return out
+
+
+def _gather(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """The elements with ``lo < v <= hi``, row after row: v (A, B, L), lo and hi (A, B, 1)."""
+    a, b, length = v.shape
+    step = max(1, _BLOCK // max(1, b * length))
+    parts = []
+    for i in range(0, a, step):
+        vb, lb, hb = v[i : i + step], lo[i : i + step], hi[i : i + step]
+        parts.append(vb[(vb > lb) & (vb <= hb)])
+    return torch.cat(parts)
+
+
+def _pivots(v: Tensor, q: float, size: int, z: Tensor) -> Tensor:
+    """Sorted pivot values (A, B, P) at ``z`` standard deviations around the ``q`` quantile of
+    each row's strided subsample of about ``size`` elements (NaN replaced by +inf: it sorts last)."""
+    length = v.shape[-1]
+    runs = length // _RUN
+    if size < length and runs >= 2:  # runs of consecutive elements: far fewer cache lines than a stride
+        sub = v[..., : runs * _RUN].unflatten(-1, (runs, _RUN))[..., :: max(1, runs * _RUN // size), :]
+        sub = sub.flatten(-2).sort(-1).values
+    else:
+        sub = v[..., :: max(1, length // size)].sort(-1).values
+    s = sub.shape[-1]
+    sd = math.sqrt(max(s * q * (1 - q), 1.0))
+    idx = (q * s - 0.5 + z * sd).round().clamp(0, s - 1).long().to(v.device)
+    return sub[..., idx].nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+def _bracket(piv: Tensor, counts: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(hit, lo, hi, c_lo, c_hi), each (..., 1): where two pivots enclose rank ``r``,
+    lo < t <= hi with c_lo = #(x <= lo) < r <= c_hi = #(x <= hi); elsewhere ``hit`` is False."""
+    below = (counts < r).sum(-1, keepdim=True)  # pivots below the threshold
+    p = piv.shape[-1]
+    hit = (below > 0) & (below < p)
+    i_hi, i_lo = below.clamp(max=p - 1), (below - 1).clamp(min=0)
+    return hit, piv.gather(-1, i_lo), piv.gather(-1, i_hi), counts.gather(-1, i_lo), counts.gather(-1, i_hi)
+
+
+def _single_value(lo: Tensor, hi: Tensor) -> Tensor:
+    """Whether ``hi`` is the only value of the dtype in (lo, hi]: then t = hi, no gathering."""
+    return torch.nextafter(lo, hi) == hi
+
+
+def _order_keys(vals: Tensor) -> Tensor:
+    """int64 keys in [0, 2**32) ordered as the (non-NaN, float32-exact) values are."""
+    bits = vals.float().view(torch.int32).long()
+    return torch.where(bits >= 0, bits, -(1 << 31) - 1 - bits) + (1 << 31)
+
+
+def _pick_in_runs(cand: Tensor, m: Tensor, j: Tensor) -> Tensor:
+    """The ``j[i]``-th smallest (1-based) of run ``i`` of ``cand``, whose runs have lengths ``m``."""
+    rows = torch.repeat_interleave(torch.arange(m.numel(), device=cand.device), m)
+    if cand.dtype == torch.float64:  # no room for the row in the key: sort by value, then by row
+        by_val = cand.sort(stable=True).indices
+        order = by_val[rows[by_val].sort(stable=True).indices]
+    else:  # one radix sort of (row, value) keys
+        order = ((rows << 32) | _order_keys(cand)).sort().indices
+    at = (torch.cumsum(m, 0) - m + j - 1).clamp(0, cand.numel() - 1)
+    return cand[order[at]]
+
+
+def _row_thresholds(v: Tensor, r: int) -> Tensor:
+    """Per-row ``kthvalue(row, r)`` of v (A, B, L) -> (A, B), exactly; 1 <= r <= L."""
+    a, b, length = v.shape
+    piv = _pivots(v, r / length, min(max(_SUB_MIN, length // 16), _SUB_MAX), _Z_ROWS)
+    hit, lo, hi, c_lo, c_hi = _bracket(piv, _count_le(v, piv), r)
+    gather = hit & ~_single_value(lo, hi)
+    t = hi.clone()
+    cand = _gather(v, lo, torch.where(gather, hi, lo))  # an empty bracket for the other rows
+    if cand.numel():
+        m = torch.where(gather, c_hi - c_lo, 0).flatten().long()
+        picked = _pick_in_runs(cand, m, (r - c_lo).flatten().long())
+        t = torch.where(gather, picked.view_as(t), t)
+    t = t.squeeze(-1)
+    if not bool(hit.all()):  # unlucky subsample or ties below the lowest pivot
+        ia, ib = (~hit.squeeze(-1)).nonzero(as_tuple=True)
+        rows, low = v[ia, ib], lo[ia, ib]
+        # Missed low (#(rows <= lowest pivot) >= r) with fewer than r below it: t = that pivot.
+        tie = (c_lo[ia, ib] >= r) & ((rows < low).sum(-1, keepdim=True) < r)
+        t[ia, ib] = torch.where(tie, low, rows.kthvalue(r, dim=-1, keepdim=True).values).squeeze(-1)
+    return t
+
+
+def _flat_rows(x: Tensor) -> list[Tensor]:
+    """The whole of ``x`` as (A, 1, L) blocks of at most ``_FLAT_ROW`` elements (views if dense)."""
+    f = _scope_rows(x, 0).reshape(-1)  # a view whenever x is dense
+    full = f.numel() // _FLAT_ROW * _FLAT_ROW
+    parts = [f[:full].view(-1, 1, _FLAT_ROW)] if full else []
+    return parts + ([f[full:].view(1, 1, -1)] if full < f.numel() else [])
+
+
+def _all_reduce(t: Tensor) -> Tensor:
+    dist.all_reduce(t)
+    return t
+
+
+def _all_gather_ragged(t: Tensor) -> Tensor:
+    """Concatenation of every rank's 1-dim ``t`` (of varying length), in rank order."""
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([t.numel()], device=t.device))
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.cat([t, t.new_zeros(max(sizes) - t.numel())])
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def _flat_threshold(x: Tensor, r: int, n: int, distributed: bool) -> Tensor:
+    """``kthvalue(r)`` of all of ``x`` (of every rank's ``x`` when ``distributed``), 1 <= r < n."""
+    parts = _flat_rows(x)
+    whole = _scope_rows(x, 0).reshape(1, 1, -1)
+    piv = _pivots(whole, r / n, _SUB_FLAT, _Z_FLAT).reshape(-1)
+    if distributed:  # every rank must count against the same pivots: a mean of sorted vectors is sorted
+        piv = (_all_reduce(piv.double()) / dist.get_world_size()).to(x.dtype)
+
+    def counts_at(piv: Tensor) -> Tensor:
+        c = sum(_count_le(p, piv.expand(p.shape[0], 1, -1)).sum((0, 1)) for p in parts)
+        return _all_reduce(c) if distributed else c
+
+    counts = counts_at(piv)
+    hit, lo, hi, c_lo, _ = (u.reshape(()) for u in _bracket(piv, counts, r))
+    if not hit:  # widen to everything below the lowest / above the highest pivot (rare, exact)
+        low = bool(counts[0] >= r)
+        inf = torch.full((1,), math.inf, dtype=x.dtype, device=x.device)
+        below = torch.nextafter(piv[:1], -inf)  # catches a threshold equal to the lowest pivot
+        piv = torch.cat([-inf, below, piv[:1]]) if low else torch.cat([piv[-1:], inf])
+        counts = counts_at(piv)
+        if low and counts[0] >= r:
+            return -inf[0]
+        if not low and counts[1] < r:  # rank r falls among the NaNs (they sort last)
+            return torch.full((), math.nan, dtype=x.dtype, device=x.device)
+        _, lo, hi, c_lo, _ = (u.reshape(()) for u in _bracket(piv, counts, r))
+    if _single_value(lo, hi):
+        return hi
+    cand = torch.cat([_gather(p, lo.expand(p.shape[0], 1, 1), hi.expand(p.shape[0], 1, 1)) for p in parts])
+    if distributed:
+        cand = _all_gather_ragged(cand)
+    return cand.kthvalue(r - int(c_lo.item())).values
+
+
+def _mask(x: Tensor, rate: float, scope: str) -> Tensor:
+    """:func:`top_k_dropout_mask` for an already validated ``rate`` and ``scope``."""
+    with torch.no_grad():
+        xd = x.detach()
+        if scope in ("tensor", "global"):
+            distributed = scope == "global" and dist.is_available() and dist.is_initialized()
+            n = xd.numel()
+            if distributed:
+                n = int(_all_reduce(torch.tensor([n], device=x.device)).item())
+            k, start_dim = round(rate * n), 0
+        else:
+            start_dim = 1 if scope == "sample" else 2
+            n = math.prod(x.shape[start_dim:])
+            k = round(rate * n)
+        if k == 0 or k == n or x.numel() == 0:
+            return torch.full_like(xd, k == n and n > 0, dtype=torch.bool)
+        if start_dim == 0:
+            return xd > _flat_threshold(xd, n - k, n, distributed)
+        t = _row_thresholds(_scope_rows(xd, start_dim), n - k)
+        return xd > t.view(*t.shape[:start_dim], *(1,) * (x.ndim - start_dim))
+
+
+def _rescale(x: Tensor, mask: Tensor, scope: str) -> Tensor:
+    """``x`` with dropped elements zeroed and kept ones times n / (n - dropped), per scope."""
+    dims = None if scope in ("tensor", "global") else tuple(range(1 if scope == "sample" else 2, x.ndim))
+    dropped = torch.count_nonzero(mask) if dims is None else torch.count_nonzero(mask, dim=dims)
+    n = torch.tensor(mask.numel() if dims is None else math.prod(x.shape[i] for i in dims), device=x.device)
+    if scope == "global" and dist.is_available() and dist.is_initialized():
+        dropped, n = _all_reduce(torch.stack([dropped, n])).unbind()
+    scale = (n / (n - dropped).clamp(min=1).double()).to(x.dtype)
+    if dims is not None:
+        scale = scale.view(*scale.shape, *(1,) * len(dims))
+    return x * torch.where(mask, torch.zeros((), dtype=x.dtype, device=x.device), scale)
+
+
+def top_k_dropout_mask(x: Tensor, rate: float = 0.3, scope: str = "sample") -> Tensor:
+    """Boolean mask of the elements TopKDropout drops (True = dropped).
+
+    Args:
+        x: input of shape (N, ...); for ``scope="channel"`` (N, C, ...).
+        rate: fraction of each scope's elements to drop, in [0, 1] (``k = round(rate * n)``).
+        scope: one of :data:`~maxdrop.layers.max_dropout.SCOPES`.
+
+    Returns:
+        Tensor of shape ``x.shape`` and dtype ``torch.bool``.
+    """
+    rate = _check_fraction(rate, "rate")
+    _check_scope(scope, x.ndim)
+    return _mask(x, rate, scope)
+
+
+def top_k_dropout(
+    x: Tensor, rate: float = 0.3, scope: str = "sample", training: bool = True, rescale: bool = False
+) -> Tensor:
+    """Functional TopKDropout: zero the ``round(rate * n)`` largest elements of each scope.
+
+    Args:
+        x: input of shape (N, ...) (e.g. (N, F) or (N, C, H, W)), any float dtype.
+        rate: fraction in [0, 1]. ``rate=0`` returns ``x`` itself.
+        scope: ``"tensor"``, ``"sample"``, ``"channel"`` or ``"global"``.
+        training: when False, returns ``x`` unchanged.
+        rescale: multiply the kept elements by n / (n - dropped) per scope.
+
+    Returns:
+        Tensor of the same shape and dtype as ``x``; the gradient is zero on dropped elements
+        and passes (times the rescale factor) elsewhere.
+    """
+    rate = _check_fraction(rate, "rate")
+    _check_scope(scope, x.ndim)
+    if not training or rate == 0.0:
+        return x
+    mask = _mask(x, rate, scope)
+    return _rescale(x, mask, scope) if rescale else x.masked_fill(mask, 0)
+
+
+class TopKDropout(_DropStats):
+    """Drops the ``round(rate * n)`` most active of the ``n`` units of each scope.
+
+    Where :class:`~maxdrop.layers.max_dropout.MaxDropout`'s ``p`` is a fraction of the
+    min-max *range* (and so may drop almost nothing), ``rate`` here is the fraction of
+    *units* dropped. Ties at the threshold are kept (at most ``k`` dropped).
+
+    Args:
+        rate: fraction of each scope's units to drop, in [0, 1].
+        scope: ``"sample"`` (default), ``"channel"``, ``"tensor"`` or ``"global"`` (the
+            whole batch across DDP ranks: exactly one process's choice on the full batch).
+        active_in_eval: keep dropping in eval mode.
+        track_stats: record drop counts (``last_dropped``, ``dropped_total``, ...).
+        rescale: multiply kept units by n / (n - dropped) per scope (as ``nn.Dropout`` keeps
+            the expectation); off by default, as in MaxDropout.
+
+    Shape:
+        Input (N, ...) ((N, C, ...) for ``scope="channel"``); output: same shape.
+    """
+
+    def __init__(
+        self,
+        rate: float = 0.3,
+        scope: str = "sample",
+        active_in_eval: bool = False,
+        track_stats: bool = True,
+        rescale: bool = False,
+    ) -> None:
+        super().__init__()
+        self.rate = _check_fraction(rate, "rate")
+        self.scope = _check_scope(scope)
+        self.active_in_eval = bool(active_in_eval)
+        self.track_stats = bool(track_stats)
+        self.rescale = bool(rescale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training or self.active_in_eval) or self.rate == 0.0:
+            return x
+        _check_scope(self.scope, x.ndim)
+        mask = _mask(x, self.rate, self.scope)
+        if self.training and self.track_stats:
+            self._record(torch.count_nonzero(mask), mask.numel())
+        return _rescale(x, mask, self.scope) if self.rescale else x.masked_fill(mask, 0)
+
+    def extra_repr(self) -> str:
+        s = f"rate={self.rate}, scope={self.scope!r}"
+        s += ", rescale=True" if self.rescale else ""
+        return s + (", active_in_eval=True" if self.active_in_eval else "")
