@@ -137,13 +137,13 @@ def test_one_image_per_slot_for_every_kind_of_slot_layer(tmp_path, tiny_tree):
         png = Image.open(io.BytesIO(written[-1][1]))
         assert png.size[0] > 4 * 64 and png.size[1] > 3 * 64  # 4 columns, 3 rows of 64-pixel cells
         desc = written[-1][2]
-        assert "Row 3 (dropped)" in desc and "from 0 (black) to 1 (white)" in desc
+        assert "Row 3 (dropped)" in desc and "black = none, red = a few, yellow = all" in desc
         assert ("each cell is one of its 8 features" in desc) == (tag == f"{TAG}/head")
 
 
-def _grid_rows(png: bytes, k: int, cell: int = 64) -> np.ndarray:
-    """The 'dropped' row of a grid as (k, cell, cell) grey values in [0, 1] (see compose_grid's layout)."""
-    a = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64) / 255
+def _dropped_row(png: bytes, k: int, cell: int = 64) -> np.ndarray:
+    """The 'dropped' row of a grid as (k, cell, cell, 3) RGB (see compose_grid's layout)."""
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     margin, gap, top = 64, 2, 2 + 2 * (cell + 2)
     return np.stack([a[top : top + cell, margin + gap + i * (cell + gap) :][:, :cell] for i in range(k)])
 
@@ -156,7 +156,7 @@ def test_the_dropped_row_shows_what_the_layer_drops_on_those_images(tmp_path, ti
     cb_cfg = {"class_path": "maxdrop.callbacks.DropMaskImages", "init_args": {"every_n_epochs": 0, "num_images": 3}}
     run = fit(tmp_path, tiny_tree, "v2", slots, [cb_cfg], max_epochs=1, limit_train_batches=1)
     ((_, png, _),) = images_of(run)[f"{TAG}/stage1"]
-    shown = _grid_rows(png, 3)
+    shown = _dropped_row(png, 3)
     # The same forward by hand: the last checkpoint's backbone in eval mode, the slot in training mode.
     ckpt = run / "checkpoints" / "last.ckpt"
     module = ClassificationModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
@@ -171,7 +171,8 @@ def test_the_dropped_row_shows_what_the_layer_drops_on_those_images(tmp_path, ti
         module.backbone(x)
     expected = drop_map(seen["x"], seen["y"]).numpy()  # (3, 16, 16): 4x4-pixel cells in the picture
     assert expected.max() == 1 and expected.min() == 0
-    np.testing.assert_allclose(shown[:, ::4, ::4], expected, atol=1 / 255)
+    yellow, black = np.array([255, 255, 0]), np.array([0, 0, 0])  # all active channels dropped / none
+    np.testing.assert_array_equal(shown[:, ::4, ::4], np.where(expected[..., None] == 1, yellow, black))
 
 
 # ---------------------------------------------------------------- no effect on training

@@ -35,13 +35,14 @@ LEGEND = (
     "slot's input averaged over its channels at each position, scaled per image from its minimum (dark blue) to "
     "its maximum (yellow); it is MaxDropoutV2's channel sum up to the factor C, so MaxDropoutV2 drops the "
     "positions above 1 - p of this scale. Row 3 (dropped): of the channels active (nonzero) at that position, the "
-    "fraction the layer set to zero, on a fixed scale from 0 (black) to 1 (white); random layers show one draw. "
+    "fraction the layer set to zero, on a fixed scale: black = none, red = a few, yellow = all of them (any "
+    "nonzero fraction is red at least, so that a single dropped unit shows); random layers show one draw. "
     "Backbone in eval mode (BatchNorm running statistics), slot layers in training mode, the {k} images in one "
     "batch (MaxDropout scope=tensor normalizes over these {k}). {cell}"
 )
 #: Labels of the grid's rows and of its colour bar, drawn into the image.
 ROW_LABELS = ["image", "input", "dropped"]
-BAR_LABEL = "dropped fraction of the active channels: 0 (black) .. 1 (white)"
+BAR_LABEL = "dropped share of the active channels: 0 (black), > 0 (red) .. 1 (yellow)"
 _GREY = 0.5  # fill of cells beyond the last feature of a flattened (N, D) input
 
 
@@ -115,6 +116,13 @@ def _colour(values: Tensor, cmap: str, lo: Tensor | float, hi: Tensor | float) -
     return rgb.masked_fill(values.isnan()[..., None], _GREY)
 
 
+def _drop_colour(fraction: Tensor) -> Tensor:
+    """Fixed scale of the dropped share: exactly 0 black, (0, 1] red to yellow (matplotlib's autumn),
+    so that a position where a single unit was dropped stands out; NaN (padding) grey."""
+    rgb = _colour(fraction, "autumn", 0.0, 1.0)
+    return rgb.masked_fill((fraction == 0)[..., None], 0.0)
+
+
 def _upscale(rgb: Tensor, size: int) -> Tensor:
     """(N, h, w, 3) -> (N, size, size', 3) by nearest-neighbour repetition (no smoothing of the masks)."""
     n, h, w, _ = rgb.shape
@@ -139,7 +147,7 @@ def compose_grid(images: Tensor, x_map: Tensor, d_map: Tensor, cell: int = 64) -
     rows = [
         _upscale(images.permute(0, 2, 3, 1).clamp(0, 1), cell),
         _upscale(_colour(x_map, "viridis", lo, hi), cell),
-        _upscale(_colour(d_map, "gray", 0.0, 1.0), cell),
+        _upscale(_drop_colour(d_map), cell),
     ]
     gap, k = 2, images.shape[0]
     width = k * (cell + gap) + gap
@@ -152,7 +160,7 @@ def compose_grid(images: Tensor, x_map: Tensor, d_map: Tensor, cell: int = 64) -
             canvas[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
     bar = torch.linspace(0, 1, width - 2 * gap)[None, :].expand(bar_h, -1)
     top = 3 * (cell + gap) + gap
-    canvas[top : top + bar_h, gap : width - gap] = _colour(bar, "gray", 0.0, 1.0)
+    canvas[top : top + bar_h, gap : width - gap] = _drop_colour(bar)
     return (canvas * 255).round().to(torch.uint8).numpy()
 
 
@@ -238,14 +246,14 @@ class DropMaskImages(pl.Callback):
 
     Tag ``drop_masks/<slot>`` in TensorBoard's IMAGES tab (one grid per slot and write; the tag's
     description holds the legend). Columns: the K images. Rows: the image; the slot's input averaged over
-    its channels at each position (:func:`input_map`; per image from its min to its max, viridis); the
-    fraction of the slot's channels that entered nonzero and left zero there (:func:`drop_map`; fixed
-    scale 0 black .. 1 white). For an (N, D) slot (``head``) each of the D features is one cell of a
-    near-square grid (grey = padding). Random layers (``nn.Dropout``, DropBlock) show one draw.
+    its channels at each position (:func:`input_map`; per image from its min to its max, viridis); of the
+    channels active there (nonzero input), the share that left zero (:func:`drop_map`; fixed scale: 0
+    black, above 0 red through yellow at 1). For an (N, D) slot (``head``) each of the D features is one
+    cell of a near-square grid (grey = padding). Random layers (``nn.Dropout``, DropBlock) show one draw.
 
     How, so that training is untouched (a run ends bitwise equal with the images on or off): on global
-    rank 0 alone, with no collective call, a deep copy of ``pl_module.backbone`` (no hooks, its own
-    buffers and layer counters) runs in eval mode with only its slot layers in training mode
+    rank 0 alone, with no collective call, a copy of ``pl_module.backbone`` (parameters shared; its own
+    buffers, layer counters and mode flags; no hooks) runs in eval mode with only its slot layers in training mode
     (BatchNorm and SyncBatchNorm use their running statistics and do not communicate; slot layers with
     ``scope="global"`` run as ``"tensor"``, which is what one process computes), under ``torch.no_grad``,
     inside a fence that restores the torch (CPU and CUDA), numpy and Python random states. The images
