@@ -184,3 +184,48 @@ def test_time_to_94_config_builds_with_the_fast_paths(tmp_path, monkeypatch):
         "speed/gpu_fast.yaml",
         "cluster/ddp.yaml",
     }
+
+
+STUDY2 = sorted([*(CONFIGS / "study2").glob("*.yaml"), *(CONFIGS / "study2" / "p_sweep").glob("*.yaml")])
+STUDY2_SIZES = {"n100": (100, 40), "n250": (250, 40)}  # size file -> (images per class, epochs)
+
+
+def _study2_build(config: Path, size: str) -> MaxdropCLI:
+    import maxdrop
+
+    for line in config.read_text().splitlines():  # rows of layers still being written are skipped, by name
+        if "class_path: maxdrop." in line:
+            name = line.split("class_path: maxdrop.")[1].split(",")[0].split("}")[0].strip()
+            if "." not in name and not hasattr(maxdrop, name):
+                pytest.skip(f"maxdrop.{name} is not in this checkout yet")
+    return build(config, "--config", str(CONFIGS / "study2" / "size" / f"{size}.yaml"))
+
+
+_STUDY2_BASELINE: dict[str, dict] = {}  # size -> the baseline's saved config, built once
+
+
+def _saved_config(cli: MaxdropCLI) -> dict:
+    """The config as a run's config.yaml holds it (what `maxdrop report` compares)."""
+    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+
+
+@pytest.mark.parametrize("size", sorted(STUDY2_SIZES))
+@pytest.mark.parametrize("config", STUDY2, ids=lambda p: p.stem)
+def test_study2_rows_differ_from_the_baseline_only_in_slots_and_augmentation(config, size, tmp_path, monkeypatch):
+    from maxdrop.report import DEFAULT_COMPARED, config_key
+
+    monkeypatch.chdir(tmp_path)
+    cli = _study2_build(config, size)
+    per_class, epochs = STUDY2_SIZES[size]
+    dm = cli.datamodule
+    assert (dm.train_per_class, dm.subset_seed, dm.val_size, cli.trainer.max_epochs) == (per_class, 0, 2000, epochs)
+    assert isinstance(cli.model.backbone, FastCNN) and cli.model.label_smoothing == 0.0
+    assert any(isinstance(cb, SparsityMonitor) for cb in cli.trainer.callbacks)
+    assert (dm.augment.cutout_holes == 1) == ("cutout" in config.stem)
+    if size not in _STUDY2_BASELINE:
+        _STUDY2_BASELINE[size] = _saved_config(_study2_build(CONFIGS / "study2" / "no_dropout.yaml", size))
+    ours, theirs = config_key(_saved_config(cli)), config_key(_STUDY2_BASELINE[size])
+    differ = {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
+    assert all(any(k.startswith(c) for c in DEFAULT_COMPARED) for k in differ), differ
+    filled = cli.model.backbone.dropout_slots()
+    assert (len(filled) == 0) == (config.stem in ("no_dropout", "cutout"))
