@@ -5,10 +5,16 @@ from maxdrop.layers import (
     MaxDropout,
     MaxDropoutV2,
     ProbGuidedMaxout,
+    TopDropBlock,
+    TopKDropout,
     max_dropout,
     max_dropout_mask,
     max_dropout_v2,
     max_dropout_v2_mask,
+    top_drop_block,
+    top_drop_block_mask,
+    top_k_dropout,
+    top_k_dropout_mask,
 )
 
 __version__ = "0.1.0"
@@ -17,10 +23,16 @@ __all__ = [
     "SCOPES",
     "MaxDropout",
     "MaxDropoutV2",
+    "TopDropBlock",
+    "TopKDropout",
     "ProbGuidedMaxout",
     "__version__",
     "max_dropout",
     "max_dropout_mask",
     "max_dropout_v2",
     "max_dropout_v2_mask",
+    "top_drop_block",
+    "top_drop_block_mask",
+    "top_k_dropout",
+    "top_k_dropout_mask",
 ]

@@ -15,11 +15,15 @@ from maxdrop.layers.prob_guided_maxout import (
     prob_guided_maxout,
     prob_guided_maxout_mask,
 )
+from maxdrop.layers.top_drop_block import TopDropBlock, top_drop_block, top_drop_block_mask
+from maxdrop.layers.top_k_dropout import TopKDropout, top_k_dropout, top_k_dropout_mask
 
 __all__ = [
     "SCOPES",
     "MaxDropout",
     "MaxDropoutV2",
+    "TopDropBlock",
+    "TopKDropout",
     "ProbGuidedMaxout",
     "max_dropout",
     "max_dropout_mask",
@@ -28,4 +32,8 @@ __all__ = [
     "prob_guided_keep_fraction",
     "prob_guided_maxout",
     "prob_guided_maxout_mask",
+    "top_drop_block",
+    "top_drop_block_mask",
+    "top_k_dropout",
+    "top_k_dropout_mask",
 ]

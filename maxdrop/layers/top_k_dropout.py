@@ -188,7 +188,7 @@ def _all_gather_ragged(t: Tensor) -> Tensor:
     padded = torch.cat([t, t.new_zeros(max(sizes) - t.numel())])
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+    return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)])
 
 
 def _flat_threshold(x: Tensor, r: int, n: int, distributed: bool) -> Tensor:

@@ -1,0 +1,271 @@
+"""TopKDropout and TopDropBlock against literal transcriptions of their rules; gradients, counters, errors."""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from maxdrop import TopDropBlock, TopKDropout, top_drop_block, top_drop_block_mask, top_k_dropout, top_k_dropout_mask
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+topk_impl = importlib.import_module("maxdrop.layers.top_k_dropout")  # the package exports a function of that name
+
+
+def sorted_floats(values: list[float]) -> list[float]:
+    """Ascending, NaN after every number (torch.sort's order)."""
+    return sorted(values, key=lambda v: (math.isnan(v), v))
+
+
+def scope_rows(x: torch.Tensor, scope: str) -> torch.Tensor:
+    """(rows, n): one row per scope, in logical element order."""
+    start = {"tensor": 0, "global": 0, "sample": 1, "channel": 2}[scope]
+    return x.reshape(1, -1) if start == 0 else x.reshape(math.prod(x.shape[:start]), -1)
+
+
+def topk_reference(x: torch.Tensor, rate: float, scope: str) -> torch.Tensor:
+    """The rule, literally: per scope, k = round(rate * n); drop the values > the (n - k)-th smallest."""
+    rows = scope_rows(x, scope).tolist()
+    mask = []
+    for row in rows:
+        n = len(row)
+        k = round(rate * n)
+        if k == 0:
+            mask.append([False] * n)
+        elif k == n:
+            mask.append([True] * n)
+        else:
+            t = sorted_floats(row)[n - k - 1]
+            mask.append([v > t for v in row])
+    return torch.tensor(mask, dtype=torch.bool).reshape(x.shape)
+
+
+def topk_inputs(seed: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 5, 7, 9, generator=g)
+    with_nan = x.relu()
+    with_nan[with_nan > 1.2] = math.nan
+    with_inf = x.clone()
+    with_inf[x > 1.5], with_inf[x < -1.5] = math.inf, -math.inf
+    return [
+        ("distinct", x),
+        ("negative", x - 3),
+        ("post-relu zeros", x.relu()),
+        ("mostly zeros", (x - 1.2).relu()),
+        ("ties", torch.randint(-3, 4, x.shape, generator=g).float()),
+        ("one sample", torch.randn(1, 4, 33, 17, generator=g)),
+        ("non-contiguous", torch.randn(6, 9, 7, 10, generator=g)[:, ::2, :, 1::2]),
+        ("channels_last", x.relu().contiguous(memory_format=torch.channels_last)),
+        ("nan", with_nan),
+        ("inf", with_inf),
+        ("2-dim", torch.randn(7, 300, generator=g)),
+    ]
+
+
+CASES = topk_inputs(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,x", CASES, ids=[c[0] for c in CASES])
+def test_top_k_mask_equals_the_transcription(name, x, dtype):
+    x = x.to(dtype)
+    for scope in ("tensor", "sample", "channel") if x.ndim > 2 else ("tensor", "sample"):
+        for rate in (0.3, 0.05, 0.5, 0.71, 0.99, 1.0):
+            expected = topk_reference(x, rate, scope)
+            assert torch.equal(top_k_dropout_mask(x, rate, scope), expected), (scope, rate)
+            y = top_k_dropout(x, rate, scope)
+            torch.testing.assert_close(y, x.masked_fill(expected, 0), rtol=0, atol=0, equal_nan=True)
+
+
+def test_exactly_k_dropped_with_distinct_values_at_most_k_with_ties():
+    g = torch.Generator().manual_seed(1)
+    distinct = torch.randperm(8 * 3 * 100, generator=g).float().reshape(8, 3, 10, 10)
+    for scope, n in (("tensor", distinct.numel()), ("sample", 300), ("channel", 100)):
+        mask = top_k_dropout_mask(distinct, 0.3, scope)
+        assert int(mask.sum()) == round(0.3 * n) * (distinct.numel() // n)
+    ties = torch.tensor([[0.0, 1, 1, 1, 2, 3, 3, 4, 5, 5]])  # k = 3: the (n - k)-th smallest is 3
+    assert top_k_dropout_mask(ties, 0.3, "sample").tolist() == [[False] * 7 + [True] * 3]
+    ties[0, 7] = 3  # now 4 values tie at the threshold (the 7th smallest is 3): only the 5s drop
+    assert top_k_dropout_mask(ties, 0.3, "sample").tolist() == [[False] * 8 + [True] * 2]
+
+
+def test_threshold_zero_in_a_post_relu_map_drops_only_positives():
+    x = torch.zeros(2, 100)
+    x[:, :20] = torch.rand(2, 20) + 0.1  # 20 % positive, rate 0.5: the threshold is 0
+    assert torch.equal(top_k_dropout_mask(x, 0.5, "sample"), x > 0)
+
+
+@pytest.mark.parametrize("path", ["rows", "flat"])
+def test_fallbacks_when_the_pivots_miss_are_exact(monkeypatch, path):
+    """Pivots that never enclose the threshold (z = 0): every scope takes the exact fallback."""
+    monkeypatch.setattr(topk_impl, "_Z_ROWS" if path == "rows" else "_Z_FLAT", torch.zeros(2, dtype=torch.float64))
+    for name, x in CASES:
+        scope = "sample" if path == "rows" else "tensor"
+        for rate in (0.3, 0.6, 0.97):
+            assert torch.equal(top_k_dropout_mask(x, rate, scope), topk_reference(x, rate, scope)), (name, rate)
+
+
+def test_blocks_and_flat_rows_larger_than_one_block(monkeypatch):
+    monkeypatch.setattr(topk_impl, "_BLOCK", 1000)
+    monkeypatch.setattr(topk_impl, "_FLAT_ROW", 777)  # with a shorter tail part
+    x = torch.randn(16, 8, 13, 11).relu()
+    for scope in ("tensor", "sample", "channel"):
+        assert torch.equal(top_k_dropout_mask(x, 0.3, scope), topk_reference(x, 0.3, scope)), scope
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scope", ["tensor", "sample", "channel"])
+def test_top_k_gradient_is_zero_where_dropped_and_passes_elsewhere(scope, dtype):
+    x = torch.randn(4, 3, 8, 8).relu().to(dtype).requires_grad_()
+    g = torch.randn_like(x)
+    layer = TopKDropout(0.3, scope=scope).train()
+    layer(x).backward(g)
+    mask = topk_reference(x.detach(), 0.3, scope)
+    assert torch.equal(x.grad, g.masked_fill(mask, 0))
+
+
+@pytest.mark.parametrize("scope", ["tensor", "sample", "channel"])
+def test_rescale_multiplies_kept_units_by_n_over_kept(scope):
+    x = torch.randn(4, 3, 5, 6).requires_grad_()
+    g = torch.randn_like(x)
+    y = TopKDropout(0.3, scope=scope, rescale=True).train()(x)
+    y.backward(g)
+    mask = topk_reference(x.detach(), 0.3, scope)
+    rows_mask = scope_rows(mask, scope)
+    n = rows_mask.shape[1]
+    scale = torch.tensor([n / (n - int(r.sum())) for r in rows_mask]).float()
+    scale = scale.reshape(-1, 1).expand_as(rows_mask).reshape(x.shape)
+    assert torch.equal(y, (x.detach() * scale).masked_fill(mask, 0))
+    assert torch.equal(x.grad, (g * scale).masked_fill(mask, 0))
+    assert torch.equal(top_k_dropout(x.detach(), 0.3, scope, rescale=True), y.detach())
+
+
+def test_top_k_counters_and_eval_rules():
+    x = torch.randn(4, 3, 5, 5)
+    layer = TopKDropout(0.2, scope="channel")
+    assert layer(x) is not x and layer.last_seen == x.numel()
+    assert int(layer.last_dropped) == int(topk_reference(x, 0.2, "channel").sum()) == 4 * 3 * 5
+    layer(x)
+    assert (int(layer.dropped_total), int(layer.seen_total)) == (2 * 60, 2 * x.numel())
+    layer.eval()
+    assert layer(x) is x  # eval: identity, counters untouched
+    assert int(layer.dropped_total) == 120
+    active = TopKDropout(0.2, scope="channel", active_in_eval=True).eval()
+    assert torch.equal(active(x), x.masked_fill(topk_reference(x, 0.2, "channel"), 0))
+    assert active.last_dropped is None  # eval forwards are not training statistics
+    assert TopKDropout(0.0).train()(x) is x and top_k_dropout(x, 0.3, training=False) is x
+    quiet = TopKDropout(0.2, track_stats=False).train()
+    quiet(x)
+    assert quiet.last_dropped is None
+
+
+def test_top_k_extra_repr():
+    assert repr(TopKDropout(0.25)) == "TopKDropout(rate=0.25, scope='sample')"
+    layer = TopKDropout(0.1, scope="global", rescale=True, active_in_eval=True)
+    assert repr(layer) == "TopKDropout(rate=0.1, scope='global', rescale=True, active_in_eval=True)"
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5, math.nan, "0.3", True])
+def test_bad_rate_names_the_value(rate):
+    with pytest.raises(ValueError, match=r"rate must be .*\[0, 1\].*" + repr(rate).replace("'", ".")[:3]):
+        TopKDropout(rate)
+    with pytest.raises(ValueError, match="rate"):
+        top_k_dropout(torch.ones(2, 3), rate)
+
+
+def test_bad_scope_and_input_rank():
+    with pytest.raises(ValueError, match="unknown scope 'row'.*allowed"):
+        TopKDropout(0.3, scope="row")
+    with pytest.raises(ValueError, match="scope 'channel' needs an input with at least 3 dims.*2-dim"):
+        TopKDropout(0.3, scope="channel").train()(torch.ones(4, 5))
+    with pytest.raises(ValueError, match="scope 'sample' needs .* 1-dim"):
+        top_k_dropout_mask(torch.ones(5), 0.3, "sample")
+
+
+# ----------------------------------------------------------------- TopDropBlock
+
+
+def top_drop_block_reference(x: torch.Tensor, h_ratio: float) -> torch.Tensor:
+    """Top-DB-Net's rule, literally: per sample, row score = max over w of sum over c of x**2; the
+    round(h_ratio * H) rows with the highest scores are dropped; equal scores: a stable ascending
+    sort, the last rows of it dropped (the higher index first)."""
+    n, c, h, w = x.shape
+    rh = round(h_ratio * h)
+    mask = torch.zeros(n, 1, h, 1, dtype=torch.bool)
+    for i in range(n):
+        scores = [max(sum(float(x[i, ch, r, col]) ** 2 for ch in range(c)) for col in range(w)) for r in range(h)]
+        order = sorted(range(h), key=lambda r: scores[r])
+        for r in order[h - rh :]:
+            mask[i, 0, r, 0] = True
+    return mask
+
+
+def tdb_inputs() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 9, 6, generator=g)
+    tied = x.clone()
+    tied[:, :, 4] = tied[:, :, 1]  # rows 1 and 4 tie, and so do rows 0, 7 and 8
+    tied[:, :, 7] = tied[:, :, 0]
+    tied[:, :, 8] = tied[:, :, 0]
+    return [
+        ("distinct", x),
+        ("negative", x - 2),
+        ("post-relu zeros", (x - 0.5).relu()),
+        ("ties", tied),
+        ("all zero", torch.zeros(2, 3, 5, 4)),
+        ("one sample", torch.randn(1, 5, 12, 7, generator=g)),
+        ("non-contiguous", torch.randn(3, 6, 10, 8, generator=g)[:, ::2, :, ::2]),
+        ("channels_last", x.contiguous(memory_format=torch.channels_last)),
+    ]
+
+
+TDB_CASES = tdb_inputs()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,x", TDB_CASES, ids=[c[0] for c in TDB_CASES])
+def test_top_drop_block_equals_the_transcription(name, x, dtype):
+    x = x.to(dtype)
+    for h_ratio in (0.33, 0.1, 0.5, 1.0):
+        expected = top_drop_block_reference(x, h_ratio)
+        assert torch.equal(top_drop_block_mask(x, h_ratio), expected), h_ratio
+        assert torch.equal(top_drop_block(x, h_ratio), x.masked_fill(expected, 0)), h_ratio
+
+
+def test_top_drop_block_tie_rule_drops_the_higher_row_index_first():
+    x = torch.ones(1, 2, 6, 3)
+    assert top_drop_block_mask(x, 0.33).flatten().tolist() == [False] * 4 + [True] * 2
+    x[0, :, 1] = 2.0  # the most active row goes first, then the highest index among the tied rest
+    assert top_drop_block_mask(x, 0.33).flatten().tolist() == [False, True, False, False, False, True]
+
+
+def test_top_drop_block_drops_nothing_when_the_row_count_rounds_to_zero():
+    """The authors' `ind[:, -rh:]` would select every row for rh == 0; here nothing is dropped."""
+    x = torch.randn(2, 3, 4, 4)
+    assert not top_drop_block_mask(x, 0.1).any()  # round(0.4) == 0
+    assert torch.equal(TopDropBlock(0.1).train()(x), x)
+
+
+def test_top_drop_block_gradient_counters_and_eval():
+    x = torch.randn(3, 4, 6, 5).requires_grad_()
+    g = torch.randn_like(x)
+    layer = TopDropBlock(0.5).train()
+    layer(x).backward(g)
+    mask = top_drop_block_reference(x.detach(), 0.5)
+    assert torch.equal(x.grad, g.masked_fill(mask, 0))
+    assert int(layer.last_dropped) == 3 * 3 * 4 * 5 and layer.last_seen == x.numel()
+    layer.eval()
+    assert layer(x) is x
+    active = TopDropBlock(0.5, active_in_eval=True).eval()
+    assert torch.equal(active(x), x.masked_fill(mask, 0)) and active.last_dropped is None
+    assert top_drop_block(x, training=False) is x and TopDropBlock(0.0).train()(x) is x
+    assert repr(TopDropBlock()) == "TopDropBlock(h_ratio=0.33)"
+    assert repr(active) == "TopDropBlock(h_ratio=0.5, active_in_eval=True)"
+
+
+@pytest.mark.parametrize("h_ratio", [-0.5, 1.01, math.nan])
+def test_top_drop_block_bad_ratio_and_rank(h_ratio):
+    with pytest.raises(ValueError, match=r"h_ratio must be in \[0, 1\], got " + str(h_ratio)):
+        TopDropBlock(h_ratio)
+    with pytest.raises(ValueError, match=r"expects an \(N, C, H, W\) input, got shape \(2, 3, 4\)"):
+        TopDropBlock().train()(torch.ones(2, 3, 4))
