@@ -200,10 +200,10 @@ class SaveRunConfig(SaveConfigCallback):
                 )
             name = self.config_filename
             if trainer.is_global_zero and taken:  # a continuing run: its config goes beside the fit's
-                n = 1
-                while (log_dir / f"config.{stage}.{n}.yaml").exists():
+                stage_name, n = getattr(stage, "value", stage), 1  # Lightning passes a TrainerFn enum
+                while (log_dir / f"config.{stage_name}.{n}.yaml").exists():
                     n += 1
-                name = f"config.{stage}.{n}.yaml"
+                name = f"config.{stage_name}.{n}.yaml"
             self.config_filename = trainer.strategy.broadcast(name)
         super().setup(trainer, pl_module, stage)
 
