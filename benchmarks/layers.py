@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from maxdrop import MaxDropout, MaxDropoutV2
+from maxdrop import MaxDropout, MaxDropoutV2, TopDropBlock, TopKDropout
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _memory import PeakHeap  # noqa: E402
@@ -49,6 +49,10 @@ def layers() -> dict[str, nn.Module]:
         "MaxDropout sample": MaxDropout(0.3, scope="sample"),
         "MaxDropout channel": MaxDropout(0.3, scope="channel"),
         "MaxDropoutV2": MaxDropoutV2(0.3),
+        "TopKDropout tensor": TopKDropout(0.3, scope="tensor"),
+        "TopKDropout sample": TopKDropout(0.3, scope="sample"),
+        "TopKDropout channel": TopKDropout(0.3, scope="channel"),
+        "TopDropBlock": TopDropBlock(0.33),
     }
 
 
@@ -92,6 +96,7 @@ def main() -> None:
         peak = peak_memory(m, x, grad) / in_bytes
         print(f"{name:<30} {med[name]:>10.1f} {med[name] / ref_do:>10.2f} {med[name] / ref_auth:>10.2f} {peak:>17.2f}")
     print("peak memory budget: output (1.00) + one bool mask (0.25) + the input's gradient (1.00) = 2.25 x input")
+    print("targets: TopKDropout <= 1.0 x Dropout (sample, channel), <= 1.5 x (tensor); TopDropBlock <= 0.5 x")
 
 
 if __name__ == "__main__":

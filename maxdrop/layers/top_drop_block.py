@@ -24,11 +24,9 @@ import torch
 from torch import Tensor
 
 from maxdrop.layers.max_dropout import _DropStats
-from maxdrop.layers.top_k_dropout import _check_fraction
+from maxdrop.layers.top_k_dropout import _check_fraction, _one_cpu_thread
 
 __all__ = ["TopDropBlock", "top_drop_block", "top_drop_block_mask"]
-
-_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller element-wise ops are not split over threads
 
 
 def _check_input(x: Tensor) -> None:
@@ -41,21 +39,14 @@ def _row_scores(x: Tensor) -> Tensor:
 
     The squares are added channel after channel (0, 1, ..., C - 1), so the scores do not depend
     on the memory layout; on contiguous maps this is several times faster than a reduction over
-    dim 1. The batch is cut into blocks below PyTorch's parallel grain size: each small op then
-    runs on the calling thread, instead of waiting for a busy core on a loaded machine.
+    dim 1. One op per channel: on the CPU they run on one thread (see ``_one_cpu_thread``).
     """
-    n, c, h, w = x.shape
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    step = max(1, _GRAIN // max(1, h * w))
-    scores = []
-    for i in range(0, n, step):
-        xb = x[i : i + step]
-        act = xb[:, 0].to(dtype).square()
-        for j in range(1, c):
-            xj = xb[:, j].to(dtype)
-            act.addcmul_(xj, xj)
-        scores.append(act.amax(-1))
-    return torch.cat(scores)
+    act = x[:, 0].to(dtype).square()
+    for j in range(1, x.shape[1]):
+        xj = x[:, j].to(dtype)
+        act.addcmul_(xj, xj)
+    return act.amax(-1)
 
 
 def _mask(x: Tensor, h_ratio: float) -> Tensor:
@@ -65,7 +56,7 @@ def _mask(x: Tensor, h_ratio: float) -> Tensor:
     mask = torch.zeros((n, 1, h, 1), dtype=torch.bool, device=x.device)
     if rh == 0 or x.numel() == 0:
         return mask
-    with torch.no_grad():
+    with torch.no_grad(), _one_cpu_thread(x.device.type == "cpu"):
         order = torch.argsort(_row_scores(x.detach()), dim=1, stable=True)
         mask[:, 0, :, 0].scatter_(1, order[:, h - rh :], True)
     return mask

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -39,9 +41,9 @@ _Z_ROWS = torch.linspace(-3.2, 3.2, 9, dtype=torch.float64)
 _Z_FLAT = torch.tensor([-3.0, 3.0], dtype=torch.float64)
 _SUB_MIN, _SUB_MAX, _SUB_FLAT = 64, 1024, 1 << 15  # subsample size: per row (1 in 16, clamped) / flat
 _RUN = 16  # the subsample takes runs of this many consecutive elements
-# Elements per block of the counting and gathering passes: a 4 MB scratch buffer is reused from
-# the heap, where a fresh tensor of the input's size would pay a page fault per 4 KB.
-_BLOCK = 1 << 20
+# Elements per block of the counting and gathering passes: a 1 MB scratch buffer stays in cache and
+# is reused from the heap, where a fresh tensor of the input's size would pay a page fault per 4 KB.
+_BLOCK = 1 << 18
 _FLAT_ROW = 1 << 14  # flat scopes are cut into rows of this length for blocking
 
 
@@ -52,6 +54,25 @@ def _check_fraction(value: object, name: str) -> float:
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return value
+
+
+@contextmanager
+def _one_cpu_thread(enabled: bool) -> Iterator[None]:
+    """Run the selection's many mid-sized CPU ops on one intra-op thread.
+
+    On shared cores OpenMP's fork-join can cost up to a scheduler quantum per op (see
+    ``maxdrop.data.augment.one_cpu_thread``); the selection issues dozens of ops, the layer's
+    output and backward (a few large ops) keep every thread.
+    """
+    threads = torch.get_num_threads()
+    single = enabled and threads > 1
+    if single:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if single:
+            torch.set_num_threads(threads)
 
 
 def _scope_rows(x: Tensor, start_dim: int) -> Tensor:
@@ -148,10 +169,16 @@ def _row_thresholds(v: Tensor, r: int) -> Tensor:
     """Per-row ``kthvalue(row, r)`` of v (A, B, L) -> (A, B), exactly; 1 <= r <= L."""
     a, b, length = v.shape
     piv = _pivots(v, r / length, min(max(_SUB_MIN, length // 16), _SUB_MAX), _Z_ROWS)
-    hit, lo, hi, c_lo, c_hi = _bracket(piv, _count_le(v, piv), r)
-    gather = hit & ~_single_value(lo, hi)
+    step = max(1, _BLOCK // max(1, b * length))
+    blocks = []
+    for i in range(0, a, step):  # count, then gather, while the block is in cache
+        vb, pb = v[i : i + step], piv[i : i + step]
+        hit, lo, hi, c_lo, c_hi = _bracket(pb, _count_le(vb, pb), r)
+        gather = hit & ~_single_value(lo, hi)
+        cand = _gather(vb, lo, torch.where(gather, hi, lo))  # an empty bracket for the other rows
+        blocks.append((hit, lo, hi, c_lo, c_hi, gather, cand))
+    hit, lo, hi, c_lo, c_hi, gather, cand = (torch.cat(parts) for parts in zip(*blocks, strict=True))
     t = hi.clone()
-    cand = _gather(v, lo, torch.where(gather, hi, lo))  # an empty bracket for the other rows
     if cand.numel():
         m = torch.where(gather, c_hi - c_lo, 0).flatten().long()
         picked = _pick_in_runs(cand, m, (r - c_lo).flatten().long())
@@ -226,7 +253,7 @@ def _flat_threshold(x: Tensor, r: int, n: int, distributed: bool) -> Tensor:
 
 def _mask(x: Tensor, rate: float, scope: str) -> Tensor:
     """:func:`top_k_dropout_mask` for an already validated ``rate`` and ``scope``."""
-    with torch.no_grad():
+    with torch.no_grad(), _one_cpu_thread(x.device.type == "cpu"):
         xd = x.detach()
         if scope in ("tensor", "global"):
             distributed = scope == "global" and dist.is_available() and dist.is_initialized()
