@@ -9,6 +9,7 @@ import random
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,10 +35,18 @@ from maxdrop.module import ClassificationModule
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "configs" / "quickstart.yaml", *sorted((ROOT / "configs" / "study").glob("*.yaml"))]
 EVERY_KIND = {
-    "stage1": {"class_path": "maxdrop.MaxDropout", "init_args": {"p": 0.3, "scope": "sample"}},
-    "stage2": {"class_path": "maxdrop.MaxDropoutV2", "init_args": {"p": 0.3}},
-    "block": {"class_path": "torchvision.ops.DropBlock2d", "init_args": {"p": 0.3, "block_size": 3}},
-    "head": {"class_path": "torch.nn.Dropout", "init_args": {"p": 0.5}},
+    "maxdrop_torch": {
+        "stage1": {"class_path": "maxdrop.MaxDropout", "init_args": {"p": 0.3, "scope": "sample"}},
+        "stage2": {"class_path": "maxdrop.MaxDropoutV2", "init_args": {"p": 0.3}},
+        "block": {"class_path": "torchvision.ops.DropBlock2d", "init_args": {"p": 0.3, "block_size": 3}},
+        "head": {"class_path": "torch.nn.Dropout", "init_args": {"p": 0.5}},
+    },
+    "top_k_and_targets": {
+        "stage1": {"class_path": "maxdrop.TopKDropout", "init_args": {"rate": 0.1}},
+        "stage2": {"class_path": "maxdrop.TopDropBlock", "init_args": {"h_ratio": 0.33}},
+        "block": {"class_path": "torch.nn.Dropout2d", "init_args": {"p": 0.2}},
+        "head": {"class_path": "maxdrop.ProbGuidedMaxout"},  # needs the images' labels
+    },
 }
 
 
@@ -126,10 +135,14 @@ def test_bad_arguments_are_refused_with_the_value(kwargs):
 
 
 @pytest.mark.slow
-def test_one_image_per_slot_for_every_kind_of_slot_layer(tmp_path, tiny_tree):
-    """MaxDropout, MaxDropoutV2, DropBlock2d, nn.Dropout at the head: one labelled grid per slot and write."""
+@pytest.mark.parametrize("kinds", list(EVERY_KIND))
+def test_one_image_per_slot_for_every_kind_of_slot_layer(kinds, tmp_path, tiny_tree):
+    """maxdrop's layers, torch's and torchvision's, ProbGuidedMaxout (which needs the labels) at the head:
+    one labelled grid per slot and write, and nothing turned off."""
     cb = {"class_path": "maxdrop.callbacks.DropMaskImages", "init_args": {"every_n_epochs": 1, "num_images": 4}}
-    run = fit(tmp_path, tiny_tree, "kinds", EVERY_KIND, [cb], max_epochs=3, limit_train_batches=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*DropMaskImages.*")
+        run = fit(tmp_path, tiny_tree, "kinds", EVERY_KIND[kinds], [cb], max_epochs=3, limit_train_batches=2)
     images = images_of(run)
     assert set(images) == {f"{TAG}/{s}" for s in ("block.0", "stage1", "block.1", "stage2", "head")}
     for tag, written in images.items():
