@@ -28,11 +28,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from maxdrop.report_plots import plot
-from maxdrop.report_runs import (  # noqa: F401  (find_runs and read_scalars: the report's public API)
+from maxdrop.report_runs import (  # noqa: F401  (re-exported: the report's public API)
     DEFAULT_COMPARED,
     ReportError,
     Run,
     compared_subtrees,
+    config_key,
     differing_keys,
     find_runs,
     group_runs,

@@ -283,7 +283,6 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path):
     assert torch.equal(dm_for(folder, tmp_path, val_size=0).split("val")[0], a.split("test")[0])
 
 
-
 def image_ids(images: torch.Tensor) -> set[bytes]:
     return {bytes(img.numpy()) for img in images}  # every synthetic image is unique
 
@@ -321,8 +320,11 @@ def test_train_per_class_above_the_smallest_class_names_the_limit(tmp_path):
     limit, smallest = int(counts.min()), CIFAR10_CLASSES[int(counts.argmin())]
     assert dm_for(folder, tmp_path, val_size=40, train_per_class=limit).split("train")[0].shape[0] == 10 * limit
     dm = dm_for(folder, tmp_path, val_size=40, train_per_class=limit + 1)
-    with pytest.raises(ValueError, match=rf"train_per_class={limit + 1} is more than the {limit} training images of "
-                       rf"class '{smallest}' after the 40-image validation split .* use at most {limit}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"train_per_class={limit + 1} is more than the {limit} training images of "
+        rf"class '{smallest}' after the 40-image validation split .* use at most {limit}",
+    ):
         dm.setup()
 
 
@@ -558,7 +560,6 @@ def test_real_cifar10_jpeg_tarball(cifar10_jpeg, tmp_path_factory):
     # The well-known CIFAR-10 statistics (JPEG shifts them only slightly).
     torch.testing.assert_close(dm.mean, torch.tensor([0.4914, 0.4822, 0.4465], dtype=torch.float64), atol=0.005, rtol=0)
     torch.testing.assert_close(dm.std, torch.tensor([0.2470, 0.2435, 0.2616], dtype=torch.float64), atol=0.01, rtol=0)
-
 
 
 @pytest.mark.slow

@@ -168,7 +168,8 @@ def test_paired_differences_have_a_t_interval_and_holm_corrects_over_all_rows(tm
         expected[n] = running
     for n in deltas:
         assert float(rows[n]["p vs baseline (paired t-test by seed), uncorrected"]) == pytest.approx(
-            raw[n].pvalue, rel=0.05  # printed with 2 significant digits
+            raw[n].pvalue,
+            rel=0.05,  # printed with 2 significant digits
         )
         assert float(rows[n]["p vs baseline, Holm–Bonferroni over 3 rows"]) == pytest.approx(expected[n], rel=0.05)
     assert "Holm–Bonferroni" in text and "fewer errors" in text
