@@ -102,22 +102,35 @@ def test_threshold_zero_in_a_post_relu_map_drops_only_positives():
     assert torch.equal(top_k_dropout_mask(x, 0.5, "sample"), x > 0)
 
 
-@pytest.mark.parametrize("path", ["rows", "flat"])
-def test_fallbacks_when_the_pivots_miss_are_exact(monkeypatch, path):
-    """Pivots that never enclose the threshold (z = 0): every scope takes the exact fallback."""
-    monkeypatch.setattr(topk_impl, "_Z_ROWS" if path == "rows" else "_Z_FLAT", torch.zeros(2, dtype=torch.float64))
+def test_when_the_pivots_miss_the_widened_bracket_is_exact(monkeypatch):
+    """Pivots that never enclose the threshold (z = 0): the tensor scope takes the widening path."""
+    monkeypatch.setattr(topk_impl, "_Z_FLAT", torch.zeros(2, dtype=torch.float64))
     for name, x in CASES:
-        scope = "sample" if path == "rows" else "tensor"
         for rate in (0.3, 0.6, 0.97):
-            assert torch.equal(top_k_dropout_mask(x, rate, scope), topk_reference(x, rate, scope)), (name, rate)
+            assert torch.equal(top_k_dropout_mask(x, rate, "tensor"), topk_reference(x, rate, "tensor")), (name, rate)
 
 
 def test_blocks_and_flat_rows_larger_than_one_block(monkeypatch):
     monkeypatch.setattr(topk_impl, "_BLOCK", 1000)
     monkeypatch.setattr(topk_impl, "_FLAT_ROW", 777)  # with a shorter tail part
+    monkeypatch.setattr(topk_impl, "_SUB_FLAT", 256)  # a subsample of runs of consecutive elements
     x = torch.randn(16, 8, 13, 11).relu()
     for scope in ("tensor", "sample", "channel"):
         assert torch.equal(top_k_dropout_mask(x, 0.3, scope), topk_reference(x, 0.3, scope)), scope
+
+
+def test_tensor_scope_on_a_benchmark_sized_map():
+    """Large enough for the flat path's subsample of runs and several blocks, at the default sizes."""
+    x = torch.randn(16, 16, 32, 32).relu()
+    for rate in (0.3, 0.6):  # 0.6: the threshold is 0, tied by about half of the elements
+        assert torch.equal(top_k_dropout_mask(x, rate, "tensor"), topk_reference(x, rate, "tensor")), rate
+
+
+def test_devices_without_numpy_use_torch_kthvalue(monkeypatch):
+    monkeypatch.setattr(topk_impl, "_numpy_sorts", lambda t: False)
+    for name, x in CASES:
+        for scope in ("tensor", "sample", "channel") if x.ndim > 2 else ("tensor", "sample"):
+            assert torch.equal(top_k_dropout_mask(x, 0.3, scope), topk_reference(x, 0.3, scope)), (name, scope)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -35,11 +35,9 @@ from maxdrop.layers.max_dropout import _check_scope, _DropStats
 
 __all__ = ["TopKDropout", "top_k_dropout", "top_k_dropout_mask"]
 
-# Pivots, in standard deviations of the subsample rank around the expected threshold: more pivots
-# cost one counting pass each and leave fewer candidates between the two that enclose it.
-_Z_ROWS = torch.linspace(-3.2, 3.2, 9, dtype=torch.float64)
+# Pivots, in standard deviations of the subsample rank around the expected threshold.
 _Z_FLAT = torch.tensor([-3.0, 3.0], dtype=torch.float64)
-_SUB_MIN, _SUB_MAX, _SUB_FLAT = 64, 1024, 1 << 15  # subsample size: per row (1 in 16, clamped) / flat
+_SUB_FLAT = 1 << 15  # subsample size
 _RUN = 16  # the subsample takes runs of this many consecutive elements
 # Elements per block of the counting and gathering passes: a 1 MB scratch buffer stays in cache and
 # is reused from the heap, where a fresh tensor of the input's size would pay a page fault per 4 KB.
@@ -117,19 +115,19 @@ def _gather(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 
 
 def _pivots(v: Tensor, q: float, size: int, z: Tensor) -> Tensor:
-    """Sorted pivot values (A, B, P) at ``z`` standard deviations around the ``q`` quantile of
-    each row's strided subsample of about ``size`` elements (NaN replaced by +inf: it sorts last)."""
+    """Sorted pivot values (A, B, P) at ``z`` standard deviations around the ``q`` quantile of each
+    row's subsample of about ``size`` elements (NaN replaced by +inf: it sorts last)."""
     length = v.shape[-1]
     runs = length // _RUN
     if size < length and runs >= 2:  # runs of consecutive elements: far fewer cache lines than a stride
-        sub = v[..., : runs * _RUN].unflatten(-1, (runs, _RUN))[..., :: max(1, runs * _RUN // size), :]
-        sub = sub.flatten(-2).sort(-1).values
+        sub = v[..., : runs * _RUN].unflatten(-1, (runs, _RUN))[..., :: runs * _RUN // size, :]
+        sub = _sorted_copy(sub.flatten(-2))
     else:
-        sub = v[..., :: max(1, length // size)].sort(-1).values
+        sub = _sorted_copy(v[..., :: max(1, length // size)])
     s = sub.shape[-1]
     sd = math.sqrt(max(s * q * (1 - q), 1.0))
     idx = (q * s - 0.5 + z * sd).round().clamp(0, s - 1).long().to(v.device)
-    return sub[..., idx].nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    return sub[..., idx].nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf).to(v.dtype)
 
 
 def _bracket(piv: Tensor, counts: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -147,49 +145,34 @@ def _single_value(lo: Tensor, hi: Tensor) -> Tensor:
     return torch.nextafter(lo, hi) == hi
 
 
-def _order_keys(vals: Tensor) -> Tensor:
-    """int64 keys in [0, 2**32) ordered as the (non-NaN, float32-exact) values are."""
-    bits = vals.float().view(torch.int32).long()
-    return torch.where(bits >= 0, bits, -(1 << 31) - 1 - bits) + (1 << 31)
+def _numpy_sorts(t: Tensor) -> bool:
+    """Whether to sort with NumPy: on the CPU its vectorized sort is 20-50x faster than ``torch.sort``."""
+    return t.device.type == "cpu"
 
 
-def _pick_in_runs(cand: Tensor, m: Tensor, j: Tensor) -> Tensor:
-    """The ``j[i]``-th smallest (1-based) of run ``i`` of ``cand``, whose runs have lengths ``m``."""
-    rows = torch.repeat_interleave(torch.arange(m.numel(), device=cand.device), m)
-    if cand.dtype == torch.float64:  # no room for the row in the key: sort by value, then by row
-        by_val = cand.sort(stable=True).indices
-        order = by_val[rows[by_val].sort(stable=True).indices]
-    else:  # one radix sort of (row, value) keys
-        order = ((rows << 32) | _order_keys(cand)).sort().indices
-    at = (torch.cumsum(m, 0) - m + j - 1).clamp(0, cand.numel() - 1)
-    return cand[order[at]]
+def _sorted_copy(v: Tensor) -> Tensor:
+    """``v`` sorted along the last dim (NaN last, as in ``torch.sort``), float32 (float64 for float64)."""
+    out = torch.empty(v.shape, dtype=torch.float64 if v.dtype == torch.float64 else torch.float32, device=v.device)
+    out.copy_(v)  # exact for float16 / bfloat16, and contiguous for NumPy
+    if _numpy_sorts(v):
+        out.numpy().sort(axis=-1)
+        return out
+    return out.sort(-1).values
 
 
 def _row_thresholds(v: Tensor, r: int) -> Tensor:
-    """Per-row ``kthvalue(row, r)`` of v (A, B, L) -> (A, B), exactly; 1 <= r <= L."""
+    """Per-row ``kthvalue(row, r)`` of v (A, B, L) -> (A, B), exactly; 1 <= r <= L.
+
+    On the CPU each block of rows is copied into a cache-sized buffer and sorted there by NumPy;
+    elsewhere ``torch.kthvalue`` is fast enough.
+    """
+    if not _numpy_sorts(v):
+        return v.kthvalue(r, dim=-1).values
     a, b, length = v.shape
-    piv = _pivots(v, r / length, min(max(_SUB_MIN, length // 16), _SUB_MAX), _Z_ROWS)
     step = max(1, _BLOCK // max(1, b * length))
-    blocks = []
-    for i in range(0, a, step):  # count, then gather, while the block is in cache
-        vb, pb = v[i : i + step], piv[i : i + step]
-        hit, lo, hi, c_lo, c_hi = _bracket(pb, _count_le(vb, pb), r)
-        gather = hit & ~_single_value(lo, hi)
-        cand = _gather(vb, lo, torch.where(gather, hi, lo))  # an empty bracket for the other rows
-        blocks.append((hit, lo, hi, c_lo, c_hi, gather, cand))
-    hit, lo, hi, c_lo, c_hi, gather, cand = (torch.cat(parts) for parts in zip(*blocks, strict=True))
-    t = hi.clone()
-    if cand.numel():
-        m = torch.where(gather, c_hi - c_lo, 0).flatten().long()
-        picked = _pick_in_runs(cand, m, (r - c_lo).flatten().long())
-        t = torch.where(gather, picked.view_as(t), t)
-    t = t.squeeze(-1)
-    if not bool(hit.all()):  # unlucky subsample or ties below the lowest pivot
-        ia, ib = (~hit.squeeze(-1)).nonzero(as_tuple=True)
-        rows, low = v[ia, ib], lo[ia, ib]
-        # Missed low (#(rows <= lowest pivot) >= r) with fewer than r below it: t = that pivot.
-        tie = (c_lo[ia, ib] >= r) & ((rows < low).sum(-1, keepdim=True) < r)
-        t[ia, ib] = torch.where(tie, low, rows.kthvalue(r, dim=-1, keepdim=True).values).squeeze(-1)
+    t = torch.empty((a, b), dtype=v.dtype)
+    for i in range(0, a, step):
+        t[i : i + step] = _sorted_copy(v[i : i + step])[..., r - 1]
     return t
 
 
