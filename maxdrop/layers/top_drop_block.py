@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from maxdrop.layers.max_dropout import _DropStats
-from maxdrop.layers.top_k_dropout import _check_fraction, _one_cpu_thread
+from maxdrop.layers.top_k_dropout import _check_fraction, _one_cpu_thread, _zero
 
 __all__ = ["TopDropBlock", "top_drop_block", "top_drop_block_mask"]
 
@@ -85,7 +85,7 @@ def top_drop_block(x: Tensor, h_ratio: float = 0.33, training: bool = True) -> T
     _check_input(x)
     if not training or h_ratio == 0.0:
         return x
-    return x.masked_fill(_mask(x, h_ratio), 0)
+    return _zero(x, _mask(x, h_ratio))
 
 
 class TopDropBlock(_DropStats):
@@ -113,7 +113,7 @@ class TopDropBlock(_DropStats):
         mask = _mask(x, self.h_ratio)
         if self.training and self.track_stats:
             self._record(torch.count_nonzero(mask) * (x.shape[1] * x.shape[3]), x.numel())
-        return x.masked_fill(mask, 0)
+        return _zero(x, mask)  # unlike the authors' x * mask, NaN and inf are zeroed too
 
     def extra_repr(self) -> str:
         return f"h_ratio={self.h_ratio}" + (", active_in_eval=True" if self.active_in_eval else "")

@@ -256,6 +256,11 @@ def _mask(x: Tensor, rate: float, scope: str) -> Tensor:
         return xd > t.view(*t.shape[:start_dim], *(1,) * (x.ndim - start_dim))
 
 
+def _zero(x: Tensor, mask: Tensor) -> Tensor:
+    # One pass forward and one backward; masked_fill copies x and then fills the copy.
+    return torch.where(mask, x.new_zeros(()), x)
+
+
 def _rescale(x: Tensor, mask: Tensor, scope: str) -> Tensor:
     """``x`` with dropped elements zeroed and kept ones times n / (n - dropped), per scope."""
     dims = None if scope in ("tensor", "global") else tuple(range(1 if scope == "sample" else 2, x.ndim))
@@ -306,7 +311,7 @@ def top_k_dropout(
     if not training or rate == 0.0:
         return x
     mask = _mask(x, rate, scope)
-    return _rescale(x, mask, scope) if rescale else x.masked_fill(mask, 0)
+    return _rescale(x, mask, scope) if rescale else _zero(x, mask)
 
 
 class TopKDropout(_DropStats):
@@ -351,7 +356,7 @@ class TopKDropout(_DropStats):
         mask = _mask(x, self.rate, self.scope)
         if self.training and self.track_stats:
             self._record(torch.count_nonzero(mask), mask.numel())
-        return _rescale(x, mask, self.scope) if self.rescale else x.masked_fill(mask, 0)
+        return _rescale(x, mask, self.scope) if self.rescale else _zero(x, mask)
 
     def extra_repr(self) -> str:
         s = f"rate={self.rate}, scope={self.scope!r}"
