@@ -10,14 +10,14 @@ Ties at ``t`` are kept, so at most ``k`` elements are dropped. ``k = 0`` is the 
 ``k = n`` drops every element. NaN orders as larger than every number (as in ``torch.sort``)
 and is never dropped unless ``k = n``.
 
-Selection without sorting the scope: a strided subsample of each scope gives a few pivot
-values around the expected threshold; one cache-blocked pass counts exactly how many elements
-lie at or below each pivot; the two pivots whose counts enclose rank ``n - k`` bracket ``t``,
-and ``t`` is picked among the few elements inside that bracket. A scope whose bracket misses
-(an unlucky subsample, heavy ties) falls back to ``torch.kthvalue`` on that scope alone, so
-the result is always exact, only sometimes slower. With ``scope="global"`` under DDP the pivot
-counts and the in-bracket candidates are all-reduced / all-gathered, so every rank uses the
-threshold that one process would compute on the concatenated batch.
+Selection. ``sample`` and ``channel``: each block of scope rows (about 1 MB) is copied into a
+buffer and sorted there by NumPy on the CPU (its vectorized sort is 20-50x faster than
+``torch.sort``), ``torch.kthvalue`` elsewhere. ``tensor`` and ``global``: two pivots from a
+subsample bracket the threshold; one cache-blocked pass counts exactly how many elements lie at or
+below each; ``t`` is picked among the few elements inside the bracket. A bracket that misses (an
+unlucky subsample, heavy ties) is widened, so the result is always exact, only sometimes slower.
+Under DDP the pivot counts are all-reduced and the in-bracket candidates all-gathered, so every
+rank uses the threshold one process would compute on the concatenated batch.
 """
 
 from __future__ import annotations
