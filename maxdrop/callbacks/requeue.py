@@ -14,8 +14,10 @@ run that would have continued. :class:`SlurmRequeue` replaces that handler:
    one step later, so that no epoch-end work is split between the two jobs), every rank saves
    ``hpc_ckpt_<n>.ckpt`` into ``trainer.default_root_dir`` with the loop state, the data loader's position
    (:class:`~maxdrop.data.TensorLoader` is stateful) and the RNG states;
-4. when the step's logging is done, rank 0 runs ``scontrol requeue <job>`` and every rank exits with
-   status 0 (:class:`JobRequeued`); with status 1 if the requeue failed (the checkpoint is kept).
+4. when the step's logging is done and flushed, rank 0 runs ``scontrol requeue <job>`` and every rank exits
+   with status 0 (:class:`JobRequeued`), unless SLURM's SIGTERM of the requeue ends it first (``srun:
+   error: ... Terminated`` in the job's output: harmless, everything is on disk by then); with status 1 if
+   the requeue failed (the checkpoint is kept).
 
 The requeued job keeps its job id, finds the checkpoint in the same ``default_root_dir`` (Lightning resumes
 from the newest ``hpc_ckpt_*`` there on its own when no ``--ckpt_path`` is given) and continues with the
@@ -143,6 +145,11 @@ class SlurmRequeue(pl.Callback):
         if not self._exit_before_next_step:
             return
         trainer.strategy.barrier("maxdrop-requeue")  # every rank has finished the saved step
+        for logger in trainer.loggers:
+            logger.finalize("finished")  # the event files are complete before SLURM ends the tasks
+        # The requeue ends the tasks with SIGTERM, maybe before they exit: by then all is on disk, so the default
+        # action is right (Lightning's SIGTERM handler would start a collective inside the handler).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         requeued = trainer.strategy.broadcast(_requeue(slurm_job_id()) if trainer.is_global_zero else False)
         if not requeued:
             raise SystemExit(1)  # saved but not requeued: the job must not look finished
