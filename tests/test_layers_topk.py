@@ -335,3 +335,15 @@ def test_cli_fit_with_both_layers_in_slots_counts_what_they_drop(tmp_path, monke
     assert {(r["epoch"], r["slot"]) for r in records} == set(run.model.reference_dropped)
     for rec in records:
         assert rec["dropped"] == run.model.reference_dropped[(rec["epoch"], rec["slot"])] > 0, rec
+
+
+@pytest.mark.parametrize("layer", [TopKDropout(0.3, "sample"), TopKDropout(0.3, "tensor"), TopDropBlock()], ids=repr)
+def test_compiled_layers_equal_eager(layer):
+    """The data-dependent selection runs eagerly inside a compiled model (torch.compiler.disable)."""
+    x = torch.randn(4, 3, 8, 8).relu().requires_grad_()
+    eager_x = x.detach().clone().requires_grad_()
+    y = torch.compile(layer, backend="aot_eager")(x)
+    y.sum().backward()
+    layer(eager_x).sum().backward()
+    assert torch.equal(y, layer(x)) and torch.equal(x.grad, eager_x.grad)
+    assert 0 < int(layer.last_dropped) < x.numel()

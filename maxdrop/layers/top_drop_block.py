@@ -49,6 +49,7 @@ def _row_scores(x: Tensor) -> Tensor:
     return act.amax(-1)
 
 
+@torch.compiler.disable  # data-dependent selection: runs eagerly inside a compiled model
 def _mask(x: Tensor, h_ratio: float) -> Tensor:
     """(N, 1, H, 1) bool mask of the dropped rows for an already validated ``h_ratio`` and 4-dim ``x``."""
     n, _, h, _ = x.shape

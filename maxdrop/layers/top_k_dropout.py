@@ -234,6 +234,7 @@ def _flat_threshold(x: Tensor, r: int, n: int, distributed: bool) -> Tensor:
     return cand.kthvalue(r - int(c_lo.item())).values
 
 
+@torch.compiler.disable  # data-dependent selection: runs eagerly inside a compiled model
 def _mask(x: Tensor, rate: float, scope: str) -> Tensor:
     """:func:`top_k_dropout_mask` for an already validated ``rate`` and ``scope``."""
     with torch.no_grad(), _one_cpu_thread(x.device.type == "cpu"):
