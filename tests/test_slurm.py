@@ -11,9 +11,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,9 +23,9 @@ from data_helpers import CIFAR10_CLASSES, tiny_run_config, tree_files, write_ima
 from slurm_cluster import SlurmCluster, missing_binaries
 
 from maxdrop.callbacks import load_sparsity_summary
+from maxdrop.callbacks.requeue import JobRequeued, SlurmRequeue, hpc_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 # The 2-task jobs: global batch 4 (2 images per rank and step), ~100 steps per epoch, 3 epochs.
 JOB_ARGS = ["--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1"]
@@ -105,6 +107,7 @@ def straight_job(slurm, job_config, job_data, tmp_path_factory) -> Path:
     return out / "runs" / "maxdrop" / f"version_{job}"
 
 
+@pytest.mark.slow
 def test_two_task_job_trains_ddp_and_counts_what_one_process_counts(straight_job, job_config, tmp_path):
     """2 srun tasks = 2 gloo ranks; the monitor's totals cover both ranks: the units seen per slot and epoch
     equal those of one process on the same global batch. A fresh fit into the job's folder is refused."""
@@ -132,6 +135,7 @@ def test_two_task_job_trains_ddp_and_counts_what_one_process_counts(straight_job
     assert "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow
 def test_signalled_job_requeues_and_resumes_bitwise(slurm, straight_job, job_config, job_data, tmp_path):
     """USR1 mid-run (what --signal=SIGUSR1@N sends): save at a step boundary, requeue, resume in the same
     folder, finish with the uninterrupted job's weights bitwise; the TensorBoard curves have no gap and no
@@ -168,6 +172,7 @@ def test_signalled_job_requeues_and_resumes_bitwise(slurm, straight_job, job_con
     assert {t: got[t] for t in per_step} == {t: ref[t] for t in per_step}
 
 
+@pytest.mark.slow
 def test_grid_array_runs_its_pairs_and_the_report_reads_them(slurm, job_data, tmp_path):
     """A 2-task array of grid_array.sbatch: one (config, seed) pair per task, both finished, then reported."""
     configs = tmp_path / "configs"
@@ -196,3 +201,76 @@ def test_grid_array_runs_its_pairs_and_the_report_reads_them(slurm, job_data, tm
     assert report.returncode == 0, report.stderr[-3000:]
     rows = {r["config"]: r for r in csv.DictReader(open(tmp_path / "r" / "report.csv"))}
     assert rows.keys() == {"baseline", "maxdropout"} and rows["maxdropout"]["seeds"] == "1"
+
+
+def _loop(batches: int = 10, val_every: int | None = 10, accumulate: int = 1, max_steps: int = -1, step: int = 0):
+    return SimpleNamespace(
+        num_training_batches=batches, val_check_batch=val_every, accumulate_grad_batches=accumulate,
+        max_steps=max_steps, global_step=step,
+    )  # fmt: skip
+
+
+def test_requeue_stops_only_where_no_epoch_end_work_is_split():
+    can = SlurmRequeue._can_stop_after
+    assert can(_loop(), 0) and can(_loop(), 8)
+    assert not can(_loop(), 9)  # the epoch's last batch: validation and the epoch-end hooks follow
+    assert not can(_loop(val_every=5), 4) and can(_loop(val_every=5), 5)  # a mid-epoch validation follows
+    assert not can(_loop(accumulate=2), 0) and can(_loop(accumulate=2), 1)  # gradients still accumulating
+    assert not can(_loop(max_steps=5, step=5), 3)  # the fit ends here anyway
+
+
+def test_hpc_checkpoints_in_numeric_order_and_bad_signal(tmp_path):
+    for n in (10, 2, 1):
+        (tmp_path / f"hpc_ckpt_{n}.ckpt").touch()
+    (tmp_path / "hpc_ckpt_x.ckpt").touch()
+    assert [p.name for p in hpc_checkpoints(tmp_path)] == ["hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt", "hpc_ckpt_10.ckpt"]
+    with pytest.raises(ValueError, match="unknown signal 'SIGFOO'"):
+        SlurmRequeue("SIGFOO")
+
+
+def test_requeue_in_process_saves_after_the_signalled_step_and_requeues(tmp_path, monkeypatch):
+    """A SLURM job's environment and a stand-in scontrol: SIGUSR1 during step 3 -> hpc_ckpt_1 after step 3
+    (the step's update done, the loop at that batch's end), `scontrol requeue <job>`, exit status 0."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "maxdrop", "SLURM_JOB_ID": "77", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+
+    class SignalAtStep3(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # mid-step, before the update
+            if trainer.global_step == 2:
+                signal.raise_signal(signal.SIGUSR1)
+
+    requeue = SlurmRequeue()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=8, limit_val_batches=0, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[SignalAtStep3(), requeue],
+    )  # fmt: skip
+    with pytest.raises(JobRequeued) as exit_:
+        trainer.fit(BoringModel())
+    assert exit_.value.code == 0
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "77"]
+    ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    progress = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+    assert progress["processed"] == 3 and progress["completed"] == 2  # saved at the end of batch 3
+    # After the fit the signal reaches the handler that was there before (Lightning may reinstall ours).
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: seen.append(1))
+    try:
+        requeue._previous_handler = signal.getsignal(signal.SIGUSR1)
+        signal.signal(signal.SIGUSR1, requeue._on_signal)
+        requeue._signalled = False
+        signal.raise_signal(signal.SIGUSR1)
+        assert seen == [1] and not requeue._signalled
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

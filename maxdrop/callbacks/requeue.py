@@ -102,7 +102,13 @@ class SlurmRequeue(pl.Callback):
     # ------------------------------------------------------------------ the signal
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signalled = True  # nothing else here: the step in progress finishes undisturbed
+        if self._active:
+            self._signalled = True  # nothing else here: the step in progress finishes undisturbed
+            return
+        # Reinstalled after the fit (Lightning restores the handlers it found when a fit ends by an
+        # exception): give the signal to the handler that was there before this one.
+        signal.signal(signum, self._previous_handler or signal.SIG_DFL)
+        signal.raise_signal(signum)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not SLURMEnvironment.detect() or threading.current_thread() is not threading.main_thread():
@@ -116,9 +122,15 @@ class SlurmRequeue(pl.Callback):
         self._signalled = self._exit_before_next_step = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()  # Lightning skips the teardown hooks when the fit ends by an exception
+
+    def _restore_handler(self) -> None:
         if self._active:
-            signal.signal(self.signum, self._previous_handler or signal.SIG_DFL)
             self._active = False
+            signal.signal(self.signum, self._previous_handler or signal.SIG_DFL)
 
     # ------------------------------------------------------------------ the step boundary
 
