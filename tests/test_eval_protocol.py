@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from maxdrop import MaxDropout
+from maxdrop import MaxDropout, ProbGuidedMaxout, TopDropBlock, TopKDropout
 from maxdrop.callbacks import MaxDropoutActiveInEval, set_active_in_eval
 from maxdrop.models import FastCNN
 from maxdrop.module import ClassificationModule
@@ -42,6 +42,18 @@ def test_a_model_without_maxdropout_is_evaluated_as_usual_with_a_warning():
     torch.manual_seed(0)
     module = ClassificationModule(backbone=partial(FastCNN, widths=(4, 8, 8)))
     ordinary = _test(module, [])
-    with pytest.warns(UserWarning, match="no MaxDropout or MaxDropoutV2 layer"):
+    with pytest.warns(UserWarning, match="no MaxDropout, MaxDropoutV2, TopKDropout or TopDropBlock layer"):
         authors = _test(module, [MaxDropoutActiveInEval()])
     assert authors == pytest.approx(ordinary)
+
+
+def test_the_rate_layers_stay_on_but_the_label_reading_head_does_not():
+    torch.manual_seed(0)
+    slots = {"stage1": partial(TopKDropout, 0.3), "stage2": partial(TopDropBlock, 0.5), "head": ProbGuidedMaxout}
+    module = ClassificationModule(backbone=partial(FastCNN, widths=(4, 8, 8), slots=slots))
+    ordinary = _test(module, [])
+    authors = _test(module, [MaxDropoutActiveInEval()])
+    assert authors != pytest.approx(ordinary)
+    layers = module.backbone.dropout_slots()
+    assert layers["stage1"].active_in_eval and layers["stage2"].active_in_eval
+    assert not layers["head"].active_in_eval  # it would need the test labels: evaluated as usual

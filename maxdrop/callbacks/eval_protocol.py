@@ -6,19 +6,24 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from maxdrop.layers import MaxDropout, MaxDropoutV2
+from maxdrop.layers import MaxDropout, MaxDropoutV2, TopDropBlock, TopKDropout
+
+#: The layers that drop the most active units and need nothing but their input: the ones the
+#: authors' protocol keeps on. ProbGuidedMaxout is not among them: it reads the true label.
+ACTIVE_IN_EVAL_LAYERS = (MaxDropout, MaxDropoutV2, TopKDropout, TopDropBlock)
 
 
 def set_active_in_eval(module: nn.Module, active: bool = True) -> int:
-    """Set ``active_in_eval`` on every MaxDropout/MaxDropoutV2 inside ``module``; returns how many."""
-    layers = [m for m in module.modules() if isinstance(m, (MaxDropout, MaxDropoutV2))]
+    """Set ``active_in_eval`` on every layer of :data:`ACTIVE_IN_EVAL_LAYERS` in ``module``; returns how many."""
+    layers = [m for m in module.modules() if isinstance(m, ACTIVE_IN_EVAL_LAYERS)]
     for layer in layers:
         layer.active_in_eval = active
     return len(layers)
 
 
 class MaxDropoutActiveInEval(pl.Callback):
-    """Keeps every MaxDropout layer dropping during validation, test and predict.
+    """Keeps every MaxDropout-family layer (MaxDropout, MaxDropoutV2, TopKDropout, TopDropBlock) dropping
+    during validation, test and predict.
 
     The authors' code builds a fresh MaxDropout inside ``forward()``, so ``model.eval()`` never
     switched it off and the paper's test errors were measured with MaxDropout active. Add this
@@ -32,7 +37,8 @@ class MaxDropoutActiveInEval(pl.Callback):
         if set_active_in_eval(pl_module, True) == 0:
             # A baseline under the authors' protocol is evaluated as usual; say so, so nobody is misled.
             rank_zero_warn(
-                "MaxDropoutActiveInEval: the model has no MaxDropout or MaxDropoutV2 layer, so this evaluation "
+                "MaxDropoutActiveInEval: the model has no MaxDropout, MaxDropoutV2, TopKDropout or TopDropBlock layer, "
+                "so this evaluation "
                 "is the ordinary one"
             )
 
