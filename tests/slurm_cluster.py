@@ -104,7 +104,10 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
 AuthInfo=socket={self.munge_socket},cred_expire=5
+# bind the daemons' ports to 127.0.0.1 (the addresses below), not to every interface
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 StateSaveLocation={r / "state"}
 SlurmdSpoolDir={r / "spool"}
 SlurmctldPidFile={r / "slurmctld.pid"}
