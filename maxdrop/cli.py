@@ -11,8 +11,8 @@ are chosen by ``class_path`` (subclass mode), ``data.num_classes`` is linked int
 ``model.init_args.num_classes``, the seed defaults to 0, each run's config is saved beside its
 event files in ``lightning_logs/version_N/config.yaml``, and checkpoints keep the last epoch and
 the best one by validation error (configurable under ``--checkpoint.*``). ``slots`` lists a
-backbone's dropout slots. Bad input ends with one paragraph on stderr and exit status 2 (set
-``MAXDROP_DEBUG=1`` for the traceback).
+backbone's dropout slots. Bad input ends with one paragraph on stderr and exit status 2, a failed run
+(e.g. a diverged loss) with one paragraph and exit status 1 (set ``MAXDROP_DEBUG=1`` for the traceback).
 """
 
 from __future__ import annotations
