@@ -84,7 +84,7 @@ def _hparams_experiment(root: Path):
     from tensorboard import context
     from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
     from tensorboard.plugins import base_plugin
-    from tensorboard.plugins.hparams import backend_context
+    from tensorboard.plugins.hparams import backend_context, metadata
 
     mux = plugin_event_multiplexer.EventMultiplexer()
     mux.AddRunsFromDirectory(str(root))
@@ -96,8 +96,12 @@ def _hparams_experiment(root: Path):
     experiment = backend.experiment_from_metadata(
         ctx, "", True, content, backend.hparams_from_data_provider(ctx, "", limit=None)
     )
-    sessions = [run for run, tags in content.items() if "_hparams_/session_start_info" in tags]
-    return experiment, sorted(sessions)
+    sessions = {
+        run: metadata.parse_session_start_info_plugin_data(tags[metadata.SESSION_START_INFO_TAG]).group_name
+        for run, tags in content.items()
+        if metadata.SESSION_START_INFO_TAG in tags
+    }
+    return experiment, dict(sorted(sessions.items()))
 
 
 @pytest.mark.slow
@@ -111,7 +115,8 @@ def test_grid_runs_are_hparams_sessions_with_the_differing_keys_first(tmp_path, 
     root = tmp_path / "grid"
     assert grid_main([*configs, "--seeds", "0", "--root", str(root)]) == 0
     experiment, sessions = _hparams_experiment(root)
-    assert sessions == ["p03/seed_0", "p05/seed_0"]
+    # one session per run, named (the table's Trial ID) by the run's folder instead of a hash
+    assert sessions == {"p03/seed_0": "p03/seed_0", "p05/seed_0": "p05/seed_0"}
     names = [h.name for h in experiment.hparam_infos]
     assert names[0] == "slot/stage1/p" and experiment.hparam_infos[0].differs
     assert not any(h.differs for h in experiment.hparam_infos[1:])

@@ -131,8 +131,11 @@ class HParamsSession(pl.Callback):
         loggers = self._session_loggers(trainer)
         if not loggers:
             return
-        summary = hparams_pb(run_hparams(trainer, pl_module))
+        hparams = run_hparams(trainer, pl_module)
         for logger in loggers:
+            # The trial id is the table's first column: the run's folder names it (a grid's config/seed_k)
+            # where the default would be a hash of the hyperparameters.
+            summary = hparams_pb(hparams, trial_id=f"{logger.name}/{logger.version}")
             writer = logger.experiment._get_file_writer()
             writer.add_summary(summary, trainer.global_step)
             self._writers.append(writer)
