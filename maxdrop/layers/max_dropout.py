@@ -45,13 +45,18 @@ SCOPES = ("tensor", "sample", "channel", "global")
 _MIN_NDIM = {"tensor": 1, "sample": 2, "channel": 3, "global": 1}
 
 
+def _check_fraction(value: object, name: str) -> float:
+    """``value`` as a float in [0, 1], else a ValueError naming ``name`` (p, rate, h_ratio) and the value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number in [0, 1], got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return value
+
+
 def _check_p(p: object) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise ValueError(f"p must be a real number in [0, 1], got {p!r} ({type(p).__name__})")
-    p = float(p)
-    if not 0.0 <= p <= 1.0:  # also rejects NaN
-        raise ValueError(f"p must be in [0, 1], got {p!r}")
-    return p
+    return _check_fraction(p, "p")
 
 
 def _check_scope(scope: object, ndim: int | None = None) -> str:

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from maxdrop.layers.max_dropout import _DropStats
-from maxdrop.layers.top_k_dropout import _check_fraction, _one_cpu_thread, _zero
+from maxdrop.layers.max_dropout import _check_fraction, _DropStats
+from maxdrop.layers.top_k_dropout import _one_cpu_thread, _zero
 
 __all__ = ["TopDropBlock", "top_drop_block", "top_drop_block_mask"]
 

@@ -23,7 +23,6 @@ rank uses the threshold one process would compute on the concatenated batch.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from maxdrop.layers.max_dropout import _check_scope, _DropStats
+from maxdrop.layers.max_dropout import _check_fraction, _check_scope, _DropStats
 
 __all__ = ["TopKDropout", "top_k_dropout", "top_k_dropout_mask"]
 
@@ -43,15 +42,6 @@ _RUN = 16  # the subsample takes runs of this many consecutive elements
 # is reused from the heap, where a fresh tensor of the input's size would pay a page fault per 4 KB.
 _BLOCK = 1 << 18
 _FLAT_ROW = 1 << 14  # flat scopes are cut into rows of this length for blocking
-
-
-def _check_fraction(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number in [0, 1], got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return value
 
 
 @contextmanager
