@@ -18,28 +18,36 @@ backbone's dropout slots. Bad input ends with one paragraph on stderr and exit s
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 import sys
 import textwrap
+import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import lightning.pytorch as pl
 import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, DeviceStatsMonitor, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from maxdrop.callbacks.divergence import DivergenceGuard, TrainingDiverged
+from maxdrop.callbacks.drop_masks import DropMaskImages
 from maxdrop.callbacks.hparams import HParamsSession
 from maxdrop.callbacks.requeue import SlurmRequeue, resumes_from_hpc_checkpoint
 from maxdrop.callbacks.tensorboard_layout import CustomScalarsLayout
 from maxdrop.models.slots import SlottedBackbone
 from maxdrop.module import ClassificationModule
+from maxdrop.training.checkpoints import AtomicCheckpointIO, CheckpointWriteError, LastAndBestCheckpoint
+from maxdrop.utils.atomic import atomic_save
 
 __all__ = ["LastAndBestCheckpoint", "MaxdropCLI", "PredictionWriter", "UsageError", "main"]
 
@@ -51,13 +59,21 @@ DESCRIPTION = (
 )
 #: Commands that are not LightningCLI subcommands: name -> module whose main(argv) -> exit status runs it.
 TOOLS = {"grid": "maxdrop.grid", "report": "maxdrop.report"}
-#: The errors that bad input raises (from our classes, Lightning, jsonargparse and the OS); reported as
-#: one paragraph instead of a traceback.
-USER_ERRORS = (ValueError, TypeError, KeyError, ImportError, OSError, MisconfigurationException)
+#: The errors that bad input raises before the run starts (from our classes, Lightning, jsonargparse and the
+#: OS): reported as one paragraph. Once the run has started nothing is treated as input (see RunFailed).
+INPUT_ERRORS = (ValueError, TypeError, KeyError, ImportError, OSError, MisconfigurationException)
+#: Run failures whose message says all there is to say (where, why, what to do): no traceback.
+DIAGNOSED_FAILURES = (TrainingDiverged, CheckpointWriteError)
+#: Callbacks that only write to a logger: without one they step aside (Lightning's raise instead).
+LOGGER_ONLY_CALLBACKS = (LearningRateMonitor, DeviceStatsMonitor, CustomScalarsLayout, HParamsSession, DropMaskImages)
 
 
 class UsageError(Exception):
     """Bad command-line input, reported as one paragraph and exit status 2."""
+
+
+class RunFailed(Exception):
+    """An exception (its ``__cause__``) raised after the run started: exit status 1 with its traceback."""
 
 
 def _one_paragraph(message: str, limit: int = 1200) -> str:
@@ -90,13 +106,14 @@ def _simplify(message: str) -> str:
 
 
 def _root_cause(err: BaseException) -> BaseException:
-    """The innermost exception of a chain (jsonargparse re-raises a class's own error inside its own)."""
-    while err.__cause__ is not None and isinstance(err.__cause__, USER_ERRORS):
+    """The innermost exception of a chain (jsonargparse re-raises a class's own error inside its own); a
+    UsageError is the message we built for the user and is kept, whatever caused it."""
+    while not isinstance(err, UsageError) and isinstance(err.__cause__, (UsageError, *INPUT_ERRORS)):
         err = err.__cause__
     return err
 
 
-def _report(message: str, status: int = 2) -> NoReturn:
+def _report(message: str, status: int = 2, hint: str | None = None) -> NoReturn:
     """One paragraph on stderr, then exit: status 2 for bad input, 1 for a run that failed."""
     wrapped = textwrap.fill(
         _one_paragraph(message),
@@ -106,9 +123,44 @@ def _report(message: str, status: int = 2) -> NoReturn:
         break_on_hyphens=False,  # paths and options stay whole, so they can be copied
         break_long_words=False,
     )
-    hint = f"`{PROG} --help` lists the options; " if status == 2 else ""
-    sys.stderr.write(wrapped + f"\n  ({hint}MAXDROP_DEBUG=1 shows the traceback)\n")
+    if hint is None:
+        hint = f"`{PROG} --help` lists the options; " if status == 2 else ""
+        hint += "MAXDROP_DEBUG=1 shows the traceback"
+    sys.stderr.write(wrapped + (f"\n  ({hint})\n" if hint else "\n"))
     raise SystemExit(status)
+
+
+def quiet_lightning() -> None:
+    """Silence what a user cannot act on: Lightning's litlogger advertisement, the ``LeafSpec`` deprecation
+    that Lightning's own pytree code triggers on recent torch, and the non-empty checkpoint-folder warning
+    (SaveRunConfig already refuses a fresh fit into a run's folder; a resume writes there on purpose)."""
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoLitloggerTip) for f in logger.filters):
+            logger.addFilter(_NoLitloggerTip())
+
+
+class _NoLitloggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+class _RunPhase(pl.Callback):
+    """Marks when the run starts: the first loop Lightning enters (the sanity-check validation, the first
+    training epoch, or the validate/test/predict loop). Everything before it (parsing, building the classes,
+    ``setup``, loading and checking a checkpoint, ``configure_optimizers``) is checking the input."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def _start(self, *_: Any) -> None:
+        self.started = True
+
+    on_sanity_check_start = on_train_start = on_validation_start = on_test_start = on_predict_start = _start
 
 
 class MaxdropArgumentParser(LightningArgumentParser):
@@ -118,30 +170,6 @@ class MaxdropArgumentParser(LightningArgumentParser):
         if os.environ.get("MAXDROP_DEBUG") or not self.exit_on_error:
             super().error(message, ex)
         _report(_simplify(message))
-
-
-class LastAndBestCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose ``last.ckpt`` is always the latest epoch, beside the best by the monitor.
-
-    Lightning 2.6 refreshes ``last.ckpt`` only in a step where it also wrote a top-k checkpoint, so with
-    a monitored metric that did not improve, ``last.ckpt`` would stay at an older epoch (a resume from it
-    would repeat epochs, and the last epoch's weights, which the paper reports, would be lost).
-    """
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def _refresh_last(self, trainer: Any) -> None:
-        # Skipped when the step was already saved (then last.ckpt was written with it).
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -171,7 +199,7 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.world_size > 1:
             path = path.with_name(f"{path.name}.rank{trainer.global_rank}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, path)
+        atomic_save(out, path)
         rank_zero_info(f"predictions of {len(out['preds'])} images saved to {path}")
 
 
@@ -212,6 +240,7 @@ class MaxdropCLI(LightningCLI):
     """LightningCLI with the maxdrop defaults: links, checkpointing, seed, config saving, clear errors."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        quiet_lightning()
         kwargs.setdefault("parser_kwargs", {"prog": PROG, "description": DESCRIPTION})
         super().__init__(
             model_class=ClassificationModule,
@@ -256,6 +285,11 @@ class MaxdropCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         # Inside a SLURM job: on --signal's SIGUSR1, save at a step boundary, requeue, resume exactly.
         parser.add_lightning_class_args(SlurmRequeue, "requeue")
+        # The guards, on by default, each with an `enabled` switch: stop at a NaN/inf loss (checked every
+        # N steps and before each checkpoint), TensorBoard's custom-scalars layout and HParams session.
+        parser.add_lightning_class_args(DivergenceGuard, "divergence")
+        parser.add_lightning_class_args(CustomScalarsLayout, "tensorboard_layout")
+        parser.add_lightning_class_args(HParamsSession, "hparams")
 
     def before_instantiate_classes(self) -> None:
         threads = self._get(self.config, "num_threads")
@@ -265,9 +299,45 @@ class MaxdropCLI(LightningCLI):
             torch.set_num_threads(threads)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        # Always on, outside the config: stop at a NaN loss, the TensorBoard layout and HParams session.
-        extra = [DivergenceGuard(), CustomScalarsLayout(), HParamsSession()]
-        return super()._instantiate_trainer(config, [*callbacks, *extra])
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own CheckpointIO is kept
+            config = {**config, "plugins": [*plugins, AtomicCheckpointIO()]}
+        self._run_phase = _RunPhase()
+        trainer = super()._instantiate_trainer(config, [*callbacks, self._run_phase])
+        if not trainer.loggers:
+            idle = [cb for cb in trainer.callbacks if isinstance(cb, LOGGER_ONLY_CALLBACKS)]
+            shown = sorted({type(cb).__name__ for cb in idle if getattr(cb, "enabled", True)})
+            trainer.callbacks = [cb for cb in trainer.callbacks if cb not in idle]
+            if shown:
+                rank_zero_warn(
+                    f"no logger (trainer.logger is false): {', '.join(shown)} only log and are off for this run"
+                )
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as err:
+            phase = getattr(self, "_run_phase", None)
+            if phase is None or not phase.started or isinstance(err, UsageError):
+                raise  # still checking the input
+            raise RunFailed(self._failure_summary(err)) from err
+
+    def _failure_summary(self, err: BaseException) -> str:
+        if isinstance(err, DIAGNOSED_FAILURES):
+            return str(err)
+        trainer = self.trainer
+        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+        resume = (
+            f"the last checkpoint is {ckpt} (resume with --ckpt_path {ckpt})"
+            if ckpt and Path(ckpt).is_file()
+            else "no checkpoint had been saved"
+        )
+        return (
+            f"the run failed at step {trainer.global_step} (epoch {trainer.current_epoch}) with "
+            f"{type(err).__name__}: {_one_paragraph(err, 400)}; the traceback above shows where. {resume}"
+        )
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -338,11 +408,12 @@ def main(args: Sequence[str] | None = None) -> None:
             raise SystemExit(importlib.import_module(TOOLS[argv[0]]).main(argv[1:]))
         else:
             MaxdropCLI(args=None if args is None else argv)
-    except TrainingDiverged as err:
-        if os.environ.get("MAXDROP_DEBUG"):
-            raise
-        _report(str(err), status=1)
-    except (UsageError, *USER_ERRORS) as err:
+    except RunFailed as failed:
+        err = failed.__cause__
+        if not isinstance(err, DIAGNOSED_FAILURES):  # a crash: the traceback is what a developer needs
+            traceback.print_exception(err)
+        _report(str(failed), status=1, hint="")
+    except (UsageError, *INPUT_ERRORS) as err:  # raised before the run started (RunFailed wraps the rest)
         if os.environ.get("MAXDROP_DEBUG"):
             raise
         cause = _root_cause(err)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
@@ -101,6 +102,38 @@ def _factory_class(factory: Callable[..., Any]) -> type | None:
         # jsonargparse's factories are partial(wrapper, instantiator, cls, **init_args).
         return next((a for a in (factory.func, *factory.args) if inspect.isclass(a)), None)
     return None
+
+
+def _phases_of_a_short_run(cls: type, given: dict[str, Any], total: int) -> dict[str, Any]:
+    """A ``pct_start`` that gives each phase of a one-cycle schedule (``OneCycleLR``) at least one step.
+
+    OneCycleLR's warm-up ends at step ``pct_start * total - 1``; a run so short that this is 0 (e.g. 4 steps
+    at pct_start 0.25) divides by a phase of zero steps. The warm-up is then lengthened to 2 steps, which
+    keeps the schedule's shape as far as the run allows. Returns ``{}`` when nothing needs to change.
+
+    Raises:
+        ValueError: the run has too few steps for the phases (under 3, or 4 with ``three_phase``).
+    """
+    params = inspect.signature(cls).parameters
+    if "pct_start" not in params:
+        return {}
+    pct_start = float(given.get("pct_start", params["pct_start"].default))
+    three_phase = bool(given.get("three_phase", params["three_phase"].default if "three_phase" in params else False))
+    if pct_start * total >= 2:
+        return {}
+    needed = 4 if three_phase else 3
+    if total < needed:
+        raise ValueError(
+            f"{cls.__name__} cannot be built for a run of {total} optimizer step(s): each of its "
+            f"{3 if three_phase else 2} phases needs at least one step, so it needs {needed} or more. Train longer "
+            "(--trainer.max_epochs, --trainer.limit_train_batches, --trainer.max_steps) or use a constant learning "
+            "rate (--model.init_args.lr_scheduler null)"
+        )
+    rank_zero_info(
+        f"{cls.__name__}: pct_start {pct_start:g} leaves no warm-up step in this run of {total} steps; "
+        f"using pct_start {2 / total:g} (2 warm-up steps)"
+    )
+    return {"pct_start": 2 / total}
 
 
 class ClassificationModule(LightningModule):
@@ -313,7 +346,9 @@ class ClassificationModule(LightningModule):
         if cls is not None and "total_steps" in inspect.signature(cls).parameters and given.get("total_steps") is None:
             total = int(self.trainer.estimated_stepping_batches)
             check_schedule_length(getattr(self, "_resumed_lr_schedulers", None), total, self.trainer)
-            scheduler = self.lr_scheduler_factory(optimizer, total_steps=total)
+            scheduler = self.lr_scheduler_factory(
+                optimizer, total_steps=total, **_phases_of_a_short_run(cls, given, total)
+            )
             interval = interval or "step"
         else:
             scheduler = self.lr_scheduler_factory(optimizer)
