@@ -10,9 +10,17 @@
 are chosen by ``class_path`` (subclass mode), ``data.num_classes`` is linked into
 ``model.init_args.num_classes``, the seed defaults to 0, each run's config is saved beside its
 event files in ``lightning_logs/version_N/config.yaml``, and checkpoints keep the last epoch and
-the best one by validation error (configurable under ``--checkpoint.*``). ``slots`` lists a
-backbone's dropout slots. Bad input ends with one paragraph on stderr and exit status 2, a failed run
-(e.g. a diverged loss) with one paragraph and exit status 1 (set ``MAXDROP_DEBUG=1`` for the traceback).
+the best one by validation error (configurable under ``--checkpoint.*``), written atomically
+(:class:`~maxdrop.training.checkpoints.AtomicCheckpointIO`). The guards are in the config too, each with an
+``enabled`` switch: ``divergence`` (stop at a NaN/inf loss), ``tensorboard_layout``, ``hparams``, ``requeue``.
+``slots`` lists a backbone's dropout slots.
+
+Errors: the run starts when Lightning enters its first loop (the sanity check or first training epoch of
+``fit``, the loop of ``validate``/``test``/``predict``). Bad input, found before that (parsing, building the
+classes, ``setup``, loading and checking a checkpoint, ``configure_optimizers``), ends with one paragraph on
+stderr and exit status 2 (``MAXDROP_DEBUG=1`` shows the traceback). Anything raised after it is a failed run:
+exit status 1, its traceback, then one paragraph on the last line; a diverged loss and a checkpoint that
+cannot be written are diagnosed in that paragraph alone.
 """
 
 from __future__ import annotations
@@ -132,12 +140,15 @@ def _report(message: str, status: int = 2, hint: str | None = None) -> NoReturn:
 
 def quiet_lightning() -> None:
     """Silence what a user cannot act on: Lightning's litlogger advertisement, the ``LeafSpec`` deprecation
-    that Lightning's own pytree code triggers on recent torch, and the non-empty checkpoint-folder warning
-    (SaveRunConfig already refuses a fresh fit into a run's folder; a resume writes there on purpose)."""
+    that Lightning's own pytree code triggers on recent torch, the non-empty checkpoint-folder warning
+    (SaveRunConfig already refuses a fresh fit into a run's folder; a resume writes there on purpose) and
+    predict's batch-indices notice."""
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # PredictionWriter does not use batch indices, which Lightning cannot infer from a TensorLoader.
+    warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices fetched from your dataloader")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoLitloggerTip) for f in logger.filters):
@@ -330,9 +341,9 @@ class MaxdropCLI(LightningCLI):
         trainer = self.trainer
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
         resume = (
-            f"the last checkpoint is {ckpt} (resume with --ckpt_path {ckpt})"
+            f"The last checkpoint is {ckpt} (resume with --ckpt_path {ckpt})"
             if ckpt and Path(ckpt).is_file()
-            else "no checkpoint had been saved"
+            else "No checkpoint had been saved"
         )
         return (
             f"the run failed at step {trainer.global_step} (epoch {trainer.current_epoch}) with "

@@ -64,7 +64,7 @@ def test_an_error_in_a_callback_mid_fit_is_a_failed_run_with_its_traceback(tmp_p
     message = " ".join(last.split())
     ckpt = tmp_path / "runs" / "bug" / "checkpoints" / "last.ckpt"
     assert message.startswith("the run failed at step 6 (epoch 1) with KeyError: 'no_such_metric'")
-    assert f"the last checkpoint is {ckpt} (resume with --ckpt_path {ckpt})" in message
+    assert f"The last checkpoint is {ckpt} (resume with --ckpt_path {ckpt})" in message
 
 
 def test_a_truncated_checkpoint_gets_the_documented_message(tmp_path, tiny_tree, capsys):
