@@ -41,21 +41,22 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import BasePredictionWriter, DeviceStatsMonitor, LearningRateMonitor
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from maxdrop.callbacks.divergence import DivergenceGuard, TrainingDiverged
 from maxdrop.callbacks.drop_masks import DropMaskImages
 from maxdrop.callbacks.hparams import HParamsSession
-from maxdrop.callbacks.requeue import SlurmRequeue, resumes_from_hpc_checkpoint
 from maxdrop.callbacks.tensorboard_layout import CustomScalarsLayout
 from maxdrop.models.slots import SlottedBackbone
-from maxdrop.module import ClassificationModule
 from maxdrop.training.checkpoints import AtomicCheckpointIO, CheckpointWriteError, LastAndBestCheckpoint
-from maxdrop.utils.atomic import atomic_save
+from maxdrop.training.divergence import DivergenceGuard, TrainingDiverged
+from maxdrop.training.module import ClassificationModule
+from maxdrop.training.prediction_writer import PredictionWriter
+from maxdrop.training.requeue import SlurmRequeue, resumes_from_hpc_checkpoint
+from maxdrop.utils.class_paths import import_class_path
 
 __all__ = ["LastAndBestCheckpoint", "MaxdropCLI", "PredictionWriter", "UsageError", "main"]
 
@@ -181,37 +182,6 @@ class MaxdropArgumentParser(LightningArgumentParser):
         if os.environ.get("MAXDROP_DEBUG") or not self.exit_on_error:
             super().error(message, ex)
         _report(_simplify(message))
-
-
-class PredictionWriter(BasePredictionWriter):
-    """Saves the predictions of ``maxdrop predict`` in the run folder.
-
-    The file holds ``{"preds": (N,) int64 classes, "probs": (N, num_classes) float32}`` in the order of
-    the predict dataloader (the test split for :class:`~maxdrop.data.CIFARDataModule`). A run with
-    several processes writes one file per rank, suffixed ``.rank<r>``.
-
-    Args:
-        filename: file name, relative to the run folder (``trainer.log_dir``) unless absolute.
-    """
-
-    def __init__(self, filename: str = "predictions.pt") -> None:
-        super().__init__(write_interval="epoch")
-        self.filename = filename
-
-    def write_on_epoch_end(self, trainer: Any, pl_module: Any, predictions: Sequence[Any], batch_indices: Any) -> None:
-        if predictions and isinstance(predictions[0], list):  # several predict dataloaders: keep the first
-            predictions = predictions[0]
-        if not predictions:
-            return
-        out = {key: torch.cat([p[key] for p in predictions]).cpu() for key in predictions[0]}
-        path = Path(self.filename)
-        if not path.is_absolute():
-            path = Path(trainer.log_dir or trainer.default_root_dir) / path
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.name}.rank{trainer.global_rank}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(out, path)
-        rank_zero_info(f"predictions of {len(out['preds'])} images saved to {path}")
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -369,11 +339,10 @@ class MaxdropCLI(LightningCLI):
 
 
 def _import(path: str) -> Any:
-    module_name, _, name = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise UsageError(f"cannot import {path!r} ({err}); give a full path such as maxdrop.models.ResNet18") from err
+        return import_class_path(path)
+    except ImportError as err:
+        raise UsageError(f"{err}; give a full path such as maxdrop.models.ResNet18") from err
 
 
 def slots_main(argv: Sequence[str]) -> None:

@@ -23,7 +23,7 @@ from data_helpers import CIFAR10_CLASSES, tiny_run_config, tree_files, write_ima
 from slurm_cluster import SlurmCluster, missing_binaries
 
 from maxdrop.callbacks import load_sparsity_summary
-from maxdrop.callbacks.requeue import JobRequeued, SlurmRequeue, hpc_checkpoints
+from maxdrop.training.requeue import JobRequeued, SlurmRequeue, hpc_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 

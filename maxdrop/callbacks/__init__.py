@@ -1,13 +1,15 @@
 """Lightning callbacks: sparsity monitoring, drop-mask images, the authors' evaluation protocol, the
-TensorBoard layout and HParams session of a run, the stop at a diverged loss, and SLURM's exact requeue."""
+TensorBoard layout and HParams session of a run, the stop at a diverged loss, and SLURM's exact requeue
+(the evaluation protocol, the divergence stop and the requeue live in :mod:`maxdrop.training`; configs
+name them all ``maxdrop.callbacks.<Name>``)."""
 
-from maxdrop.callbacks.divergence import DivergenceGuard, TrainingDiverged
 from maxdrop.callbacks.drop_masks import DropMaskImages
-from maxdrop.callbacks.eval_protocol import MaxDropoutActiveInEval, set_active_in_eval
 from maxdrop.callbacks.hparams import HParamsSession
-from maxdrop.callbacks.requeue import SlurmRequeue
 from maxdrop.callbacks.sparsity import SUMMARY_FORMAT, SparsityMonitor, find_dropout_slots, load_sparsity_summary
 from maxdrop.callbacks.tensorboard_layout import CustomScalarsLayout
+from maxdrop.training.divergence import DivergenceGuard, TrainingDiverged
+from maxdrop.training.eval_protocol import MaxDropoutActiveInEval, set_active_in_eval
+from maxdrop.training.requeue import SlurmRequeue
 
 __all__ = [
     "SUMMARY_FORMAT",

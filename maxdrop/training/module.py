@@ -8,7 +8,6 @@ MultiStepLR at epochs 60/120/160 with gamma 0.2, for 200 epochs.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import random
 from collections.abc import Callable
@@ -25,10 +24,11 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from maxdrop.distributed import destroy_process_group_at_exit
 from maxdrop.models import ResNet18
 from maxdrop.models.slots import positive_int
-from maxdrop.resume_checks import check_schedule_length, check_state_dict_keys
+from maxdrop.training.distributed import destroy_process_group_at_exit
+from maxdrop.training.resume_checks import check_schedule_length, check_state_dict_keys
+from maxdrop.utils.class_paths import import_class_path
 
 RNG_KEY = "maxdrop_rng_states"
 
@@ -86,11 +86,11 @@ def _from_spec(spec: Any, what: str) -> Callable[..., Any]:
         return spec
     if "class_path" not in spec:
         raise ValueError(f"{what} must be a callable or a dict with a class_path (and init_args), got {spec!r}")
-    module_name, _, name = spec["class_path"].rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"{what}: cannot import class_path {spec['class_path']!r} ({err})") from err
+        cls = import_class_path(spec["class_path"])
+    except ImportError as err:
+        reason = err.__cause__ or err
+        raise ValueError(f"{what}: cannot import class_path {spec['class_path']!r} ({reason})") from err
     return partial(cls, **spec.get("init_args", {}))
 
 
