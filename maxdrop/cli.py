@@ -122,6 +122,14 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def _usage_error(err: BaseException) -> UsageError:
+    """Bad input found before the run started, as the one paragraph that says what is wrong."""
+    cause = _root_cause(err)
+    if isinstance(cause, UsageError):
+        return cause
+    return UsageError(str(cause) if isinstance(cause, ValueError) else f"{type(cause).__name__}: {cause}")
+
+
 def _report(message: str, status: int = 2, hint: str | None = None) -> NoReturn:
     """One paragraph on stderr, then exit: status 2 for bad input, 1 for a run that failed."""
     wrapped = textwrap.fill(
@@ -301,8 +309,12 @@ class MaxdropCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except Exception as err:
             phase = getattr(self, "_run_phase", None)
-            if phase is None or not phase.started or isinstance(err, UsageError):
-                raise  # still checking the input
+            if isinstance(err, UsageError):
+                raise
+            if phase is None or not phase.started:  # still checking the input: setup, checkpoint, optimizers
+                if isinstance(err, INPUT_ERRORS):
+                    raise _usage_error(err) from err
+                raise
             raise RunFailed(self._failure_summary(err)) from err
 
     def _failure_summary(self, err: BaseException) -> str:
@@ -335,7 +347,16 @@ class MaxdropCLI(LightningCLI):
                     f"checkpoint {ckpt_path!r} cannot be loaded: it is not a valid Lightning checkpoint or is "
                     f"truncated or corrupt ({type(err).__name__}: {_one_paragraph(err, 300)})"
                 ) from err
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()  # reads the checkpoint's hyperparameters
+        except INPUT_ERRORS as err:
+            raise _usage_error(err) from err
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except INPUT_ERRORS as err:  # a class refusing its arguments, a missing data path, ...
+            raise _usage_error(err) from err
 
 
 def _import(path: str) -> Any:
@@ -365,7 +386,10 @@ def slots_main(argv: Sequence[str]) -> None:
     except Exception as err:  # noqa: BLE001 (jsonargparse's ArgumentError)
         raise UsageError(str(err)) from err
     init = {k: v for k, v in cfg.as_dict().items() if k != "__path__"}
-    model = cls(**init)
+    try:
+        model = cls(**init)
+    except INPUT_ERRORS as err:
+        raise _usage_error(err) from err
     args = ", ".join(f"{k}={v!r}" for k, v in init.items())
     print(f"{argv[0]}({args})\n\nslots (fill with `slots: {{<name>: {{class_path: ...}}}}`):")
     width = max(map(len, cls.SLOTS))
@@ -393,11 +417,10 @@ def main(args: Sequence[str] | None = None) -> None:
         if not isinstance(err, DIAGNOSED_FAILURES):  # a crash: the traceback is what a developer needs
             traceback.print_exception(err)
         _report(str(failed), status=1, hint="")
-    except (UsageError, *INPUT_ERRORS) as err:  # raised before the run started (RunFailed wraps the rest)
+    except UsageError as err:  # bad input, found before the run started (RunFailed wraps the rest)
         if os.environ.get("MAXDROP_DEBUG"):
             raise
-        cause = _root_cause(err)
-        _report(str(cause) if isinstance(cause, (UsageError, ValueError)) else f"{type(cause).__name__}: {cause}")
+        _report(str(err))
 
 
 if __name__ == "__main__":
