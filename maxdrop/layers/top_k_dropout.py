@@ -10,9 +10,12 @@ Ties at ``t`` are kept, so at most ``k`` elements are dropped. ``k = 0`` is the 
 ``k = n`` drops every element. NaN orders as larger than every number (as in ``torch.sort``)
 and is never dropped unless ``k = n``.
 
-Selection. ``sample`` and ``channel``: each block of scope rows (about 1 MB) is copied into a
-buffer and sorted there by NumPy on the CPU (its vectorized sort is 20-50x faster than
-``torch.sort``), ``torch.kthvalue`` elsewhere. ``tensor`` and ``global``: two pivots from a
+Selection. ``sample`` and ``channel`` on the CPU: a row of at least ``_BRACKET_ROW`` elements is
+bracketed like the flat scopes below, row by row with NumPy (two pivots from a sorted 2 K-element
+subsample, one pass counting ``#(x <= lo)``, one marking ``lo < x <= hi``, a partition of the ~6 %
+marked), a miss falling back to sorting that row; shorter rows are copied block by block (about
+1 MB) into a buffer and sorted there by NumPy (its vectorized sort is 20-50x faster than
+``torch.sort``). ``torch.kthvalue`` on other devices. ``tensor`` and ``global``: two pivots from a
 subsample bracket the threshold; one cache-blocked pass counts exactly how many elements lie at or
 below each; ``t`` is picked among the few elements inside the bracket. A bracket that misses (an
 unlucky subsample, heavy ties) is widened, so the result is always exact, only sometimes slower.
