@@ -171,12 +171,12 @@ def _row_thresholds(v: Tensor, r: int) -> Tensor:
     t = torch.empty((a, b), dtype=v.dtype)
     if length >= _BRACKET_ROW:
         wide = torch.float64 if v.dtype == torch.float64 else torch.float32
-        buf = torch.empty(length, dtype=wide)  # for rows that are not dense in a wide dtype
+        dense = v.dtype == wide and v.stride(-1) == 1
+        buf = None if dense else torch.empty(length, dtype=wide)  # rows not dense in a wide dtype
         le, inside = np.empty(length, dtype=bool), np.empty(length, dtype=bool)
         for i in range(a):
             for j in range(b):
-                row = v[i, j]
-                values = (row if row.dtype == wide and row.stride(0) == 1 else buf.copy_(row)).numpy()
+                values = (v[i, j] if buf is None else buf.copy_(v[i, j])).numpy()
                 t[i, j] = float(_bracket_select(values, r, le, inside))  # reads the row: no copy when dense
         return t
     step = max(1, _BLOCK // max(1, b * length))
