@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,6 +62,16 @@ def layers() -> dict[str, nn.Module]:
     }
 
 
+def numpy_simd() -> str:
+    """NumPy's version and its best x86 SIMD level found: its sorts dispatch on it (AVX-512 vs AVX2)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as found
+    except ImportError:  # a NumPy without that table
+        return f"NumPy {np.__version__}"
+    levels = [f for f in ("AVX512_SPR", "AVX512_ICL", "AVX512_SKX", "AVX2") if found.get(f)]
+    return f"NumPy {np.__version__} ({levels[0] if levels else 'no AVX2'})"
+
+
 def step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     layer(x).backward(grad)
     x.grad = None
@@ -100,7 +111,8 @@ def main() -> None:
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     ref_do, ref_auth = med["nn.Dropout(0.3)"], med["authors' MaxDropout"]
     in_bytes = x.numel() * x.element_size()
-    print(f"input {tuple(x.shape)} float32 post-ReLU, torch {torch.__version__}, {args.repeats} repeats (medians)")
+    shape = tuple(x.shape)
+    print(f"input {shape} float32 post-ReLU, torch {torch.__version__}, {numpy_simd()}, {args.repeats} repeats")
     print(start_load)
     print(load_line("at the end"))
     print(f"{'layer':<30} {'fwd+bwd ms':>10} {'x Dropout':>10} {'x authors':>10} {'peak mem / input':>17}")
