@@ -56,7 +56,9 @@ def test_sagd_erases_a_centred_square_around_each_seed_clipped_at_the_border():
 
 
 def literal_dgdm(x, top_k_ratio, channel_drop_rate, drop_rate, drop_threshold, block_size, generator):
-    """The rules of the module docstring, written out directly, same draws in the same order."""
+    """The rules of the module docstring, written out directly, same draws in the same order.
+
+    Returns the output, the branch (True = blocks erased) and the (N, C, H, W) mask of the zeroed elements."""
     use_drop = bool((torch.rand([], dtype=torch.float32, generator=generator) + drop_rate).floor() >= 1)
     u = torch.rand(x.shape[:2], generator=generator)
     n, c, h, w = x.shape
@@ -77,8 +79,10 @@ def literal_dgdm(x, top_k_ratio, channel_drop_rate, drop_rate, drop_threshold, b
                     if not s[i, 0, a, b] < t:
                         r = block_size // 2
                         keep_s[i, 0, max(a - r, 0) : a + r + 1, max(b - r, 0) : b + r + 1] = 0
-        return torch.where((keep_c * keep_s) == 0, 0, x), use_drop
-    return torch.where(keep_c == 0, 0, x * torch.sigmoid(s)), use_drop
+        zeroed = ((keep_c * keep_s) == 0).expand(n, c, h, w)
+        return torch.where(zeroed, 0, x), use_drop, zeroed
+    zeroed = (keep_c == 0).expand(n, c, h, w)
+    return torch.where(zeroed, 0, x * torch.sigmoid(s)), use_drop, zeroed
 
 
 @pytest.mark.parametrize("drop_rate", [0.0, 0.5, 1.0])
@@ -90,14 +94,15 @@ def test_layer_equals_the_written_out_rules_with_the_same_draws(drop_rate, block
         y = dual_attention_drop_block(
             x, 0.5, 0.5, drop_rate, 0.7, block_size, generator=torch.Generator().manual_seed(seed)
         )
-        ref, use_drop = literal_dgdm(x, 0.5, 0.5, drop_rate, 0.7, block_size, torch.Generator().manual_seed(seed))
+        ref, use_drop, zeroed = literal_dgdm(
+            x, 0.5, 0.5, drop_rate, 0.7, block_size, torch.Generator().manual_seed(seed)
+        )
         assert torch.equal(y, ref)
         branches.add(use_drop)
         torch.manual_seed(seed)  # the module draws the same numbers from the default generator
         layer = DualAttentionDropBlock(0.5, 0.5, drop_rate, 0.7, block_size).train()
         assert torch.equal(layer(x), ref) and layer.last_used_drop_mask == use_drop
-        dropped_elements = int(((ref == 0) & (x != 0)).sum())  # lower bound: some x are already 0
-        assert int(layer.last_dropped) >= dropped_elements
+        assert int(layer.last_dropped) == int(zeroed.sum())
     assert branches == {0.0: {False}, 1.0: {True}}.get(drop_rate, {True, False})
 
 
