@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from maxdrop import ADL, adl
-from maxdrop.layers import adl_drop_mask, adl_importance_map, adl_uses_drop_mask
+from maxdrop.layers import adl_drop_mask, adl_importance_map, adl_uses_drop_mask, max_dropout_v2_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -98,6 +98,14 @@ def test_drop_mask_rules_on_hand_made_maps():
     assert mask[2].all()  # all-zero sample: 0 >= 0 everywhere
     assert adl_drop_mask(x, 0.0)[0].all()  # threshold 0 on a positive map drops everything
     torch.testing.assert_close(adl_importance_map(x), torch.sigmoid(x.mean(1, keepdim=True)))
+
+
+def test_drop_mask_equals_max_dropout_v2_when_the_map_reaches_zero():
+    """docs/models.md: with a zero position, `mean >= t * max` is `(sum - 0) / (max - 0) > 1 - (1 - t)`."""
+    x = torch.randn(16, 8, 10, 10, generator=torch.Generator().manual_seed(0)).relu()
+    x[:, :, 0, 0] = 0
+    for t in (0.8, 0.5, 0.3):
+        assert torch.equal(adl_drop_mask(x, t), max_dropout_v2_mask(x, 1 - t))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
