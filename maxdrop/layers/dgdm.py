@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maxdrop.layers.adl import _attention, _check_input, _draw, _dropped_positions
+from maxdrop.layers.adl import _attention, _check_input, _draw, _dropped_positions, _importance_product
 from maxdrop.layers.max_dropout import _check_fraction, _DropStats
 from maxdrop.layers.top_k_dropout import _zero
 
@@ -131,11 +131,11 @@ def _apply(
     """(output, channel mask, block mask or None in the importance branch) for validated arguments."""
     top_k_ratio, channel_drop_rate, drop_threshold, block_size = args
     channels = _channel_mask(x, top_k_ratio, channel_drop_rate, uniforms)
-    attention = _attention(x)
     if use_drop:
-        blocks = _block_mask(attention, drop_threshold, block_size)
+        blocks = _block_mask(_attention(x), drop_threshold, block_size)
         return _zero(x, channels | blocks), channels, blocks
-    return _zero(x * torch.sigmoid(attention), channels), channels, None
+    # in place: the product is a fresh tensor that its backward does not read
+    return _importance_product(x).masked_fill_(channels, 0), channels, None
 
 
 def _draws(drop_rate: float, shape: torch.Size, generator: torch.Generator | None) -> tuple[bool, Tensor]:
