@@ -24,7 +24,8 @@ rule of the official code (junsukchoe/ADL ``ops.py``, TensorFlow; clovaai/wsolev
   here any value >= 1 selects the drop mask.
 - eval: the identity (their ``forward`` returns the input when not training).
 - gradient: neither map is detached, as in their code: in the importance branch the gradient also
-  flows through ``sigmoid(mean(x))``; the drop mask (a comparison) carries none.
+  flows through ``sigmoid(mean(x))`` (computed by :class:`_ImportanceProduct`, equal to autograd's up
+  to the order of the additions); the drop mask (a comparison) carries none.
 
 Differences, on purpose: the output keeps the input's dtype (theirs multiplies by a float32 map, so
 a float16 input comes out float32); in the drop branch dropped elements are set to zero (theirs
