@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maxdrop import DualAttentionDropBlock, dual_attention_drop_block
+from maxdrop import ADL, DualAttentionDropBlock, dual_attention_drop_block
 from maxdrop.layers import adl_drop_mask, cagd_channel_mask, sagd_block_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -179,3 +179,20 @@ def test_block_mask_dilation_matches_max_pool_reference_on_random_maps():
     for block in (3, 5):
         ref = F.max_pool2d(F.pad(seeds, [block // 2] * 4, value=0.0), block, stride=1) > 0
         assert torch.equal(sagd_block_mask(x, 0.5, block), ref)
+
+
+@pytest.mark.parametrize("layer", [ADL(0.5), DualAttentionDropBlock(drop_rate=0.5)], ids=repr)
+def test_compiled_layers_equal_eager_with_the_same_draws(layer):
+    """ADL and DGDM inside torch.compile: the branch draw breaks the graph, the result stays the eager one."""
+    x = torch.randn(4, 6, 8, 8, generator=torch.Generator().manual_seed(0)).relu().requires_grad_()
+    eager_x = x.detach().clone().requires_grad_()
+    compiled = torch.compile(layer, backend="aot_eager")
+    for seed in range(3):
+        torch.manual_seed(seed)
+        y = compiled(x)
+        y.sum().backward()
+        torch.manual_seed(seed)
+        y_eager = layer(eager_x)
+        y_eager.sum().backward()
+        assert torch.equal(y, y_eager)
+        torch.testing.assert_close(x.grad, eager_x.grad)
