@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from maxdrop import MaxDropout, MaxDropoutV2, TopDropBlock, TopKDropout
+from maxdrop import ADL, DualAttentionDropBlock, MaxDropout, MaxDropoutV2, TopDropBlock, TopKDropout
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _load import load_line  # noqa: E402
@@ -59,6 +59,11 @@ def layers() -> dict[str, nn.Module]:
         "TopKDropout sample": TopKDropout(0.3, scope="sample"),
         "TopKDropout channel": TopKDropout(0.3, scope="channel"),
         "TopDropBlock": TopDropBlock(0.33),
+        "ADL(0.75, 0.8)": ADL(0.75, 0.8),
+        "ADL drop-mask steps": ADL(1.0, 0.8),
+        "ADL importance-map steps": ADL(0.0, 0.8),
+        "DualAttentionDropBlock": DualAttentionDropBlock(),
+        "DualAttentionDropBlock blocks": DualAttentionDropBlock(drop_rate=1.0),
     }
 
 
@@ -121,6 +126,7 @@ def main() -> None:
         print(f"{name:<30} {med[name]:>10.1f} {med[name] / ref_do:>10.2f} {med[name] / ref_auth:>10.2f} {peak:>17.2f}")
     print("peak memory budget: output (1.00) + one bool mask (0.25) + the input's gradient (1.00) = 2.25 x input")
     print("targets: TopKDropout <= 1.0 x Dropout (sample, channel), <= 1.5 x (tensor); TopDropBlock <= 0.5 x")
+    print("targets: ADL, DualAttentionDropBlock <= 1.0 x Dropout")
 
 
 if __name__ == "__main__":

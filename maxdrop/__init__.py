@@ -1,12 +1,16 @@
 """maxdrop: a PyTorch Lightning research framework for MaxDropout and its peers."""
 
 from maxdrop.layers import (
+    ADL,
     SCOPES,
+    DualAttentionDropBlock,
     MaxDropout,
     MaxDropoutV2,
     ProbGuidedMaxout,
     TopDropBlock,
     TopKDropout,
+    adl,
+    dual_attention_drop_block,
     max_dropout,
     max_dropout_mask,
     max_dropout_v2,
@@ -20,6 +24,8 @@ from maxdrop.layers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADL",
+    "DualAttentionDropBlock",
     "SCOPES",
     "MaxDropout",
     "MaxDropoutV2",
@@ -27,6 +33,8 @@ __all__ = [
     "TopKDropout",
     "ProbGuidedMaxout",
     "__version__",
+    "adl",
+    "dual_attention_drop_block",
     "max_dropout",
     "max_dropout_mask",
     "max_dropout_v2",
