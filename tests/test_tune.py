@@ -72,7 +72,9 @@ def test_tune_runs_trials_resumes_after_a_kill_and_writes_the_best_config(tmp_pa
     before = {t.number: (t.state.name, t.value) for t in _load(root).get_trials()}
     assert before[0][0] == "COMPLETE" and before[1][0] == "RUNNING", before
 
-    out, _ = _tune(space, root, *args).communicate(timeout=900)
+    again = _tune(space, root, *args)
+    out, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, out
     assert "trials [1] were left RUNNING by a dead process: marked FAIL, re-enqueued" in out, out
     trials = _load(root).get_trials()
     assert (trials[0].state.name, trials[0].value) == before[0]  # kept, not rerun

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     tuner.run()
     from maxdrop.experiments.tune_outputs import write_outputs
 
-    best = write_outputs(study, space, study_dir)
+    best = write_outputs(study, space, study_dir, args.metric)
     if best is not None:
         print(f"[tune] best: trial {best.number}, {args.metric} {best.value:.4g}, {best.params}", flush=True)
         print(f"[tune] its config: {study_dir / 'best.yaml'}", flush=True)

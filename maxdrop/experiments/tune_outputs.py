@@ -9,20 +9,10 @@ from pathlib import Path
 
 import yaml
 
+from maxdrop.experiments.tune_pruning import write_text
 from maxdrop.experiments.tune_space import Space
 
 TUNE_CALLBACK = "maxdrop.experiments.tune_pruning.OptunaPruning"
-
-
-def _write_text(path: Path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def best_config(trial_config: Path) -> dict:
@@ -61,11 +51,12 @@ def _markdown(rows: list[dict], best: int | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(study, space: Space, out: Path) -> None:
+def _plots(study, space: Space, out: Path, metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from optuna.trial import TrialState
 
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
@@ -83,7 +74,8 @@ def _plots(study, space: Space, out: Path) -> None:
         xs.append(t.number)
         ys.append(sign * best)
     ax.step(xs, ys, where="post", color="C0", alpha=0.6, label="best so far")
-    ax.set(xlabel="trial", ylabel="objective", title=f"{study.study_name}: optimization history")
+    ax.set(xlabel="trial", ylabel=metric, title=f"{study.study_name}: optimization history")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     fig.savefig(out / "history.png", dpi=120)
     plt.close(fig)
@@ -100,14 +92,14 @@ def _plots(study, space: Space, out: Path) -> None:
         if knob.log:
             ax.set_xscale("log")
         ax.set(xlabel=knob.name)
-    axes[0][0].set_ylabel("objective")
+    axes[0][0].set_ylabel(metric)
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
-    fig.suptitle(f"{study.study_name}: knob vs objective (complete trials)")
+    fig.suptitle(f"{study.study_name}: each knob vs {metric} (complete trials)")
     fig.savefig(out / "knobs.png", dpi=120)
     plt.close(fig)
 
 
-def write_outputs(study, space: Space, study_dir: Path):
+def write_outputs(study, space: Space, study_dir: Path, metric: str = "objective"):
     """Write the outputs; returns the best trial (None when no trial completed)."""
     from optuna.trial import TrialState
 
@@ -120,12 +112,12 @@ def write_outputs(study, space: Space, study_dir: Path):
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    _write_text(study_dir / "trials.csv", buf.getvalue())
-    _write_text(study_dir / "trials.md", _markdown(rows, best.number if best else None))
+    write_text(study_dir / "trials.csv", buf.getvalue())
+    write_text(study_dir / "trials.md", _markdown(rows, best.number if best else None))
     if best is not None:
         trial_config = Path(best.user_attrs["run_dir"]) / "config.yaml"
         header = f"# Best trial {best.number} of study {study.study_name} ({space.path}): {best.params}\n"
-        _write_text(study_dir / "best.yaml", header + yaml.safe_dump(best_config(trial_config), sort_keys=False))
+        write_text(study_dir / "best.yaml", header + yaml.safe_dump(best_config(trial_config), sort_keys=False))
     if complete or rows:
-        _plots(study, space, study_dir)
+        _plots(study, space, study_dir, metric)
     return best

@@ -32,13 +32,18 @@ def open_storage(storage: str):
     return JournalStorage(JournalFileBackend(storage))
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_text(path: Path, text: str) -> None:
+    """Atomically: a temp file in the destination folder, fsync, rename (utils/atomic.py's job once it exists)."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=1))
 
 
 def make_pruner(spec: str):
