@@ -158,7 +158,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("space", type=Path, help="search-space YAML (config: + knobs:), e.g. configs/tune/x.yaml")
     parser.add_argument("--trials", type=int, default=16, help="finished (complete or pruned) trials wanted")
-    parser.add_argument("--root", type=Path, default=Path("lightning_logs/tune"))
+    parser.add_argument("--root", type=Path, default=Path("lightning_logs/tune"), help="studies land in ROOT/<study>/")
     parser.add_argument("--study", help="study name (default: the space file's stem)")
     parser.add_argument("--storage", help="journal file path or RDB URL (default: <root>/<study>/journal.log)")
     parser.add_argument("--jobs", type=int, default=1, help="trials at once in this process (threads split)")
