@@ -19,6 +19,7 @@ its trial). At the end: ``best.yaml`` (the best trial's full config, for `maxdro
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -90,6 +91,16 @@ class Tuner:
             f"--trainer.callbacks+={CALLBACK}",
         ]  # fmt: skip
 
+    def test_command(self, run: Path, threads: int | None) -> list[str]:
+        """``--test``: the test pass of a complete trial from its last.ckpt into ``test/`` (as `maxdrop grid`
+        does), so that `maxdrop report` tabulates trials; it plays no part in the choice of the best trial."""
+        share = ["--num_threads", str(threads)] if threads else []
+        return [
+            sys.executable, "-m", "maxdrop", "test", "--config", str(run / "config.yaml"), *share,
+            "--trainer.logger", _logger(self.study_dir, "trials", run.name, "test"),
+            "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+        ]  # fmt: skip
+
     def run_trial(self, trial, threads: int | None, env: dict | None) -> None:
         from optuna.trial import TrialState
 
@@ -110,14 +121,14 @@ class Tuner:
             print(f"[tune] trial {trial.number} {params} -> {run}", flush=True)
             code = subprocess.run(self.command(trial, params, threads), env=env).returncode
             objective = run / OBJECTIVE
+            if code == 0 and self.args.test and objective.exists() and not json.loads(objective.read_text())["pruned"]:
+                code = subprocess.run(self.test_command(run, threads), env=env).returncode
             with self.lock:
                 if code != 0 or not objective.exists():
                     print(f"[tune] trial {trial.number} FAILED (exit {code}); see its output above", file=sys.stderr)
                     self.study.tell(trial, state=TrialState.FAIL)
                     self.failures.append(trial.number)
                     return
-                import json
-
                 result = json.loads(objective.read_text())
                 if result["pruned"]:
                     print(f"[tune] trial {trial.number} pruned at epoch {result['step']}", flush=True)
@@ -170,6 +181,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--pruner",
         default="median",
         help="median[:STARTUP[:WARMUP]] (default 4 trials, 10 epochs), threshold:UPPER or none",
+    )
+    parser.add_argument(
+        "--test", action="store_true", help="test pass of each complete trial, for `maxdrop report` (not for choosing)"
     )
     parser.add_argument("--stale-after", type=float, default=STALE_AFTER_SECONDS, help="see `maxdrop grid --help`")
     return parser.parse_args(argv), extra
