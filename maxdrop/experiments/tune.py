@@ -209,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     storage = args.storage or str(study_dir / "journal.log")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        study_name=name, storage=open_storage(storage), sampler=optuna.samplers.TPESampler(seed=args.sampler_seed),
-        pruner=pruner, direction=args.direction, load_if_exists=True,
+        study_name=name, storage=open_storage(storage), pruner=pruner, direction=args.direction, load_if_exists=True,
     )  # fmt: skip
+    # A resumed study must not replay the random start-up proposals it already made: offset the seed by the
+    # trials so far (0 for a fresh study, so a single-process study stays reproducible).
+    study.sampler = optuna.samplers.TPESampler(seed=args.sampler_seed + len(study.get_trials(deepcopy=False)))
     recovered = recover(study, study_dir, args.stale_after)
     if recovered:
         print(f"[tune] trials {recovered} were left RUNNING by a dead process: marked FAIL, re-enqueued", flush=True)
