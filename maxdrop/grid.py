@@ -183,6 +183,8 @@ def run_grid(
                 pair, claim, slot, start = running.pop(fut)
                 claim.release()
                 free.append(slot)
+                if fut.exception() is not None:
+                    print(f"[grid] FAILED: {pair[0]} seed {pair[1]}: {fut.exception()!r}", file=sys.stderr)
                 if fut.exception() is not None or not fut.result():
                     failed.append(pair)
                 else:

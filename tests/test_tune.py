@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -60,7 +61,7 @@ def test_bad_space_and_arguments(tmp_path, space, capsys):
 @pytest.mark.slow
 def test_tune_runs_trials_resumes_after_a_kill_and_writes_the_best_config(tmp_path, space):
     root = tmp_path / "tune"
-    args = ("--trials", "3", "--pruner", "none", "--", "--trainer.max_epochs", "1")
+    args = ("--trials", "3", "--pruner", "none", "--test", "--", "--trainer.max_epochs", "1")
     # Killed (the tuner and its fit) while trial 1 runs; trial 0 is finished by then.
     proc = _tune(space, root, *args, start_new_session=True)
     deadline = time.time() + 600
@@ -84,7 +85,7 @@ def test_tune_runs_trials_resumes_after_a_kill_and_writes_the_best_config(tmp_pa
     for t in complete:
         run = Path(t.user_attrs["run_dir"])
         assert (run / "config.yaml").exists() and (run / "sparsity.json").exists()
-        assert list(run.glob("events.out.tfevents.*"))
+        assert list(run.glob("events.out.tfevents.*")) and list((run / "test").glob("events.out.tfevents.*"))
         saved = yaml.safe_load((run / "config.yaml").read_text())
         assert (
             saved["model"]["init_args"]["backbone"]["init_args"]["slots"]["stage1"]["init_args"]["p"] == t.params["p"]
@@ -106,6 +107,12 @@ def test_tune_runs_trials_resumes_after_a_kill_and_writes_the_best_config(tmp_pa
     rows = (root / "tiny" / "trials.csv").read_text().splitlines()
     assert rows[0].startswith("trial,state,value,last epoch,p,seconds") and len(rows) == 5
     assert (root / "tiny" / "history.png").stat().st_size and (root / "tiny" / "knobs.png").stat().st_size
+
+    from maxdrop.report import report
+
+    text = report([root / "tiny" / "trials"], tmp_path / "report")  # read like grid runs (--test gave them test/)
+    rows = list(csv.DictReader(open(tmp_path / "report" / "report.csv")))
+    assert sum(int(r["seeds"]) for r in rows) == 3 and "Unfinished" not in text
 
 
 @pytest.mark.slow
