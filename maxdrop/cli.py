@@ -64,10 +64,11 @@ PROG = "maxdrop"
 DESCRIPTION = (
     "Train and evaluate CIFAR classifiers with MaxDropout and its peers in config-chosen dropout slots. "
     "Besides fit/validate/test/predict: `maxdrop slots <backbone class>` lists a backbone's slots, "
-    "`maxdrop grid` runs configs x seeds, `maxdrop report` tabulates and plots the runs (each has --help)."
+    "`maxdrop grid` runs configs x seeds, `maxdrop tune` tunes knobs with Optuna, "
+    "`maxdrop report` tabulates and plots the runs (each has --help)."
 )
 #: Commands that are not LightningCLI subcommands: name -> module whose main(argv) -> exit status runs it.
-TOOLS = {"grid": "maxdrop.grid", "report": "maxdrop.report"}
+TOOLS = {"grid": "maxdrop.grid", "report": "maxdrop.report", "tune": "maxdrop.experiments.tune"}
 #: The errors that bad input raises before the run starts (from our classes, Lightning, jsonargparse and the
 #: OS): reported as one paragraph. Once the run has started nothing is treated as input (see RunFailed).
 INPUT_ERRORS = (ValueError, TypeError, KeyError, ImportError, OSError, MisconfigurationException)

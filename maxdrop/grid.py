@@ -8,18 +8,28 @@ MaxDropout left on (the authors' protocol) in ``test_active_in_eval/``. A run th
 ``finished.json`` and is skipped; an interrupted one resumes from its ``last.ckpt`` (or starts over
 when it had none), so rerunning the same command after a crash or a kill completes the grid.
 On a cluster, ``--index I`` runs only the I-th pair (``--list`` prints them): one SLURM array task each.
+
+``--jobs N`` runs N pairs at once (``num_threads`` split between them; one GPU each where there are
+GPUs). Any number of grid processes may share one root (one machine, or SLURM tasks on a shared
+filesystem): each pair is claimed atomically before it runs (maxdrop/experiments/claims.py), so no pair
+runs twice and no process deletes another's run; the claim of a dead process is taken over and its
+run resumed. A process waits for the pairs others hold, so when it exits 0 every pair is finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from maxdrop.experiments.claims import STALE_AFTER_SECONDS, try_claim
+from maxdrop.experiments.progress import Progress
 from maxdrop.utils.atomic import atomic_write_text
 
 FINISHED = "finished.json"
@@ -40,12 +50,16 @@ def pairs(configs: list[Path], seeds: list[int]) -> list[tuple[Path, int]]:
     return [(c, s) for c in configs for s in seeds]
 
 
-def commands(config: Path, seed: int, root: Path, extra: list[str], active_in_eval: bool) -> list[list[str]]:
-    """The CLI calls of one run: fit (resuming if it can), test, and the authors' eval protocol."""
+def commands(
+    config: Path, seed: int, root: Path, extra: list[str], active_in_eval: bool, threads: int | None = None
+) -> list[list[str]]:
+    """The CLI calls of one run: fit (resuming if it can), test, and the authors' eval protocol.
+    ``threads`` (``--jobs``' share of the cores) comes before ``extra``, so a ``--num_threads`` there wins."""
     name, version = config.stem, f"seed_{seed}"
     run_dir = root / name / version
     last = run_dir / "checkpoints" / "last.ckpt"
-    common = ["--config", str(config), *extra, "--seed_everything", str(seed)]
+    share = ["--num_threads", str(threads)] if threads else []
+    common = ["--config", str(config), *share, *extra, "--seed_everything", str(seed)]
 
     def cli(sub: str, *args: str) -> list[str]:
         return [sys.executable, "-m", "maxdrop", sub, *common, *args]
@@ -69,8 +83,21 @@ def commands(config: Path, seed: int, root: Path, extra: list[str], active_in_ev
     return cmds
 
 
-def run_one(config: Path, seed: int, root: Path, extra: list[str], active_in_eval: bool) -> bool:
-    run_dir = root / config.stem / f"seed_{seed}"
+def run_dir_of(root: Path, config: Path, seed: int) -> Path:
+    return root / config.stem / f"seed_{seed}"
+
+
+def run_one(
+    config: Path,
+    seed: int,
+    root: Path,
+    extra: list[str],
+    active_in_eval: bool,
+    threads: int | None = None,
+    env: dict[str, str] | None = None,
+) -> bool:
+    """Run one pair (the caller holds its claim)."""
+    run_dir = run_dir_of(root, config, seed)
     if (run_dir / FINISHED).exists():
         print(f"[grid] done already: {run_dir}", flush=True)
         return True
@@ -80,14 +107,88 @@ def run_one(config: Path, seed: int, root: Path, extra: list[str], active_in_eva
     for sub in ("test", "test_active_in_eval"):
         shutil.rmtree(run_dir / sub, ignore_errors=True)  # a test pass is redone whole
     start = time.time()
-    for cmd in commands(config, seed, root, extra, active_in_eval):
+    for cmd in commands(config, seed, root, extra, active_in_eval, threads):
         print(f"[grid] {' '.join(cmd[3:6])} seed {seed} -> {run_dir}", flush=True)
-        if subprocess.run(cmd).returncode != 0:
+        if subprocess.run(cmd, env=env).returncode != 0:
             print(f"[grid] FAILED: {config} seed {seed} (rerun the same command to retry)", file=sys.stderr)
             return False
     done = {"config": str(config), "seed": seed, "seconds": time.time() - start}
     atomic_write_text(run_dir / FINISHED, json.dumps(done))
     return True
+
+
+def job_resources(jobs: int) -> tuple[int | None, list[dict[str, str] | None]]:
+    """Threads per job and each job slot's environment: with several jobs, the cores split evenly and,
+    where there are GPUs, one (of CUDA_VISIBLE_DEVICES, if set) per slot, round robin."""
+    if jobs == 1:
+        return None, [None]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [g for g in visible.split(",") if g.strip()]
+    else:
+        import torch  # only here: the grid itself needs no torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    if not gpus:
+        return threads, [None] * jobs
+    return threads, [{**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(jobs)]
+
+
+def run_grid(
+    todo: list[tuple[Path, int]],
+    root: Path,
+    extra: list[str],
+    active_in_eval: bool = False,
+    jobs: int = 1,
+    stale_after: float = STALE_AFTER_SECONDS,
+    poll: float = 5.0,
+) -> list[tuple[Path, int]]:
+    """Run the pairs, ``jobs`` at a time, each under its claim; returns those that failed here."""
+    threads, envs = job_resources(jobs)
+    progress = Progress(len(todo), jobs)
+    pending, running, failed = list(todo), {}, []
+    free = list(range(jobs))
+
+    def finished() -> int:
+        return sum((run_dir_of(root, c, s) / FINISHED).exists() for c, s in todo)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        while pending or running:
+            for pair in list(pending):
+                if not free:
+                    break
+                run_dir = run_dir_of(root, *pair)
+                if (run_dir / FINISHED).exists():
+                    pending.remove(pair)
+                    continue
+                claim = try_claim(run_dir, stale_after)
+                if claim is None:
+                    continue  # another process runs it; wait for it (or for its claim to go stale)
+                pending.remove(pair)
+                if claim.took_over:
+                    print(f"[grid] took over the stale claim of {run_dir}", flush=True)
+                slot = free.pop(0)
+                fut = pool.submit(run_one, *pair, root, extra, active_in_eval, threads, envs[slot])
+                running[fut] = (pair, claim, slot, time.time())
+                progress.show(finished(), len(running))
+            if not running:
+                time.sleep(poll)
+                continue
+            done, _ = wait(running, timeout=poll, return_when=FIRST_COMPLETED)
+            for fut in done:
+                pair, claim, slot, start = running.pop(fut)
+                claim.release()
+                free.append(slot)
+                if fut.exception() is not None:
+                    print(f"[grid] FAILED: {pair[0]} seed {pair[1]}: {fut.exception()!r}", file=sys.stderr)
+                if fut.exception() is not None or not fut.result():
+                    failed.append(pair)
+                else:
+                    progress.durations.append(time.time() - start)
+            if done:
+                progress.show(finished(), len(running))
+    return failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--active-in-eval", action="store_true", help="also test with MaxDropout on in eval")
     parser.add_argument("--index", type=int, help="run only the I-th (config, seed) pair, e.g. SLURM_ARRAY_TASK_ID")
     parser.add_argument("--list", action="store_true", help="print the (config, seed) pairs with their index")
+    parser.add_argument("--jobs", type=int, default=1, help="pairs run at once (threads split; one GPU each)")
+    parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=STALE_AFTER_SECONDS,
+        help="seconds without a heartbeat after which another host's claim counts as dead (default %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        print(f"maxdrop grid: error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     missing = [str(c) for c in args.configs if not c.is_file()]
     if missing:
         print(f"maxdrop grid: error: config file(s) not found: {', '.join(missing)}", file=sys.stderr)
@@ -122,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"maxdrop grid: error: --index {args.index} is outside 0..{len(todo) - 1}", file=sys.stderr)
             return 2
         todo = [todo[args.index]]
-    failed = [(c, s) for c, s in todo if not run_one(c, s, args.root, extra, args.active_in_eval)]
+    failed = run_grid(todo, args.root, extra, args.active_in_eval, args.jobs, args.stale_after)
     print(f"[grid] {len(todo) - len(failed)} of {len(todo)} runs finished", flush=True)
     return 1 if failed else 0
 

@@ -122,7 +122,7 @@ def test_slots_command_lists_names_and_positions(capsys):
     assert "block.5 " in out and "block.6" not in out and "depth=16" in out
 
 
-@pytest.mark.parametrize("tool", ["grid", "report"])
+@pytest.mark.parametrize("tool", ["grid", "report", "tune"])
 def test_grid_and_report_are_maxdrop_commands(capsys, tool):
     with pytest.raises(SystemExit) as exc:
         main([tool, "--help"])

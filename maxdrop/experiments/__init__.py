@@ -1,0 +1,1 @@
+"""Experiment orchestration: parallel-safe grids (claims, progress) and Optuna tuning."""
