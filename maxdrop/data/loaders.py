@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
-from maxdrop.data.augment import one_cpu_thread, sample_params
+from maxdrop.data.augment import sample_params
+from maxdrop.utils.threads import one_cpu_thread
 
 if TYPE_CHECKING:  # the datamodule builds the loaders; no import cycle at run time
     from maxdrop.data.cifar import CIFARDataModule
