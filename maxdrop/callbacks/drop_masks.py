@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from maxdrop.callbacks.drop_mask_render import compose_grid, drop_map, image_summary, input_map, labelled_png
-from maxdrop.callbacks.sparsity import find_dropout_slots
+from maxdrop.models.slots import find_dropout_slots
 
 __all__ = ["DropMaskImages", "drop_map", "input_map"]
 

@@ -22,7 +22,7 @@ from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams.summary_v2 import hparams_pb
 
-from maxdrop.callbacks.sparsity_counting import find_dropout_slots
+from maxdrop.models.slots import find_dropout_slots
 
 __all__ = ["HParamsSession", "run_hparams"]
 

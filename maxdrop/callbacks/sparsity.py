@@ -26,7 +26,6 @@ from maxdrop.callbacks.sparsity_counting import (
     EXACT_COUNT,
     SlotSums,
     channel_stats,
-    find_dropout_slots,
     has_drop_counters,
     has_nonfinite,
 )
@@ -40,6 +39,7 @@ from maxdrop.callbacks.sparsity_writing import (
     write_histograms,
 )
 from maxdrop.distributed import destroy_process_group_at_exit
+from maxdrop.models.slots import find_dropout_slots
 
 __all__ = ["SUMMARY_FORMAT", "SparsityMonitor", "find_dropout_slots", "load_sparsity_summary"]
 

@@ -1,14 +1,15 @@
-"""Counting in the forward hooks of :class:`~maxdrop.callbacks.SparsityMonitor`: which layers are
-the dropout slots, and the per-slot sums kept on the activations' device during an epoch."""
+"""Counting in the forward hooks of :class:`~maxdrop.callbacks.SparsityMonitor`: the per-slot sums
+kept on the activations' device during an epoch (which layers are the slots: ``find_dropout_slots``,
+in :mod:`maxdrop.models.slots`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SlotSums", "channel_stats", "find_dropout_slots", "has_drop_counters", "has_nonfinite"]
+__all__ = ["SlotSums", "channel_stats", "has_drop_counters", "has_nonfinite"]
 
 # A float32 sum of 0/1 values is exact while the count stays below 2**24: channels with up to this
 # many elements per batch are counted through a float buffer (vectorized), larger ones with
@@ -18,64 +19,8 @@ EXACT_COUNT = 2**24
 CPU_BLOCK = 2**17
 
 
-def find_dropout_slots(module: nn.Module) -> dict[str, nn.Module] | None:
-    """The dropout slots of a LightningModule's backbone.
-
-    Looks for ``module.backbone.dropout_slots()`` first, then for a ``dropout_slots`` method on any
-    submodule (the outermost ones; slot names get the submodule's path as a prefix when there are
-    several).
-
-    Args:
-        module: usually the LightningModule.
-
-    Returns:
-        ``{slot name: layer}`` (empty when the backbone has no filled slot), or None when no module
-        has a ``dropout_slots`` method.
-
-    Raises:
-        TypeError: ``dropout_slots()`` returned something other than a ``{str: nn.Module}`` mapping.
-        ValueError: one layer instance fills two slots (its counts would be taken twice).
-    """
-    backbone = getattr(module, "backbone", None)
-    if isinstance(backbone, nn.Module) and callable(getattr(backbone, "dropout_slots", None)):
-        owners = [("", backbone)]
-    else:
-        owners = []
-        for path, sub in module.named_modules():
-            if callable(getattr(sub, "dropout_slots", None)) and not any(
-                path.startswith(p + ".") or p == "" for p, _ in owners
-            ):
-                owners.append((path, sub))
-        if not owners:
-            return None
-    slots: dict[str, nn.Module] = {}
-    for path, owner in owners:
-        found = owner.dropout_slots()
-        if not isinstance(found, Mapping):
-            raise TypeError(
-                f"{type(owner).__name__}.dropout_slots() must return a dict {{slot name: nn.Module}}, "
-                f"got {type(found).__name__}"
-            )
-        for name, layer in found.items():
-            if not isinstance(name, str) or not isinstance(layer, nn.Module):
-                raise TypeError(
-                    f"{type(owner).__name__}.dropout_slots() must map str to nn.Module, "
-                    f"got {name!r}: {type(layer).__name__}"
-                )
-            slots[f"{path}.{name}" if len(owners) > 1 else name] = layer
-    by_id: dict[int, str] = {}
-    for name, layer in slots.items():
-        if id(layer) in by_id:
-            raise ValueError(
-                f"slots {by_id[id(layer)]!r} and {name!r} hold the same {type(layer).__name__} instance; "
-                "every slot needs its own layer instance"
-            )
-        by_id[id(layer)] = name
-    return slots
-
-
 def has_drop_counters(layer: nn.Module) -> bool:
-    """Whether ``layer`` counts its own drops (the maxdrop layers' ``_DropStats`` protocol)."""
+    """Whether ``layer`` counts its own drops (the maxdrop layers' ``DropStats`` protocol, maxdrop.layers.base)."""
     return all(hasattr(layer, a) for a in ("last_dropped", "last_seen", "seen_total")) and bool(
         getattr(layer, "track_stats", True)
     )

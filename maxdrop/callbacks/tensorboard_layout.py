@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from maxdrop.callbacks.sparsity import SparsityMonitor
-from maxdrop.callbacks.sparsity_counting import find_dropout_slots
+from maxdrop.models.slots import find_dropout_slots
 
 __all__ = ["CustomScalarsLayout", "custom_scalars_layout"]
 
