@@ -35,11 +35,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from maxdrop.callbacks.divergence import DivergenceGuard, TrainingDiverged
-from maxdrop.callbacks.hparams import HParamsSession
 from maxdrop.callbacks.requeue import SlurmRequeue, resumes_from_hpc_checkpoint
-from maxdrop.callbacks.tensorboard_layout import CustomScalarsLayout
 from maxdrop.models.slots import SlottedBackbone
 from maxdrop.module import ClassificationModule
+from maxdrop.monitoring.hparams import HParamsSession
+from maxdrop.monitoring.tensorboard_layout import CustomScalarsLayout
 
 __all__ = ["LastAndBestCheckpoint", "MaxdropCLI", "PredictionWriter", "UsageError", "main"]
 

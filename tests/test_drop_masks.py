@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from maxdrop import MaxDropout, MaxDropoutV2
 from maxdrop.callbacks import DropMaskImages
-from maxdrop.callbacks.drop_masks import TAG, drop_map, input_map
 from maxdrop.cli import MaxdropCLI
 from maxdrop.data import CIFARDataModule, RawBatch
 from maxdrop.models import FastCNN
 from maxdrop.module import ClassificationModule
+from maxdrop.monitoring.drop_masks import TAG, drop_map, input_map
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "configs" / "quickstart.yaml", *sorted((ROOT / "configs" / "study").glob("*.yaml"))]

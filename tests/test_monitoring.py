@@ -510,7 +510,7 @@ def test_a_slot_whose_channel_count_changes_keeps_exact_totals_and_drops_its_his
 )
 @pytest.mark.parametrize("exact_limit", [2**24, 16], ids=["buffer path", "count_nonzero path"])
 def test_per_channel_counts_are_exact_for_any_layout(make, exact_limit, monkeypatch):
-    import maxdrop.callbacks.sparsity as sparsity
+    import maxdrop.monitoring.sparsity as sparsity
 
     monkeypatch.setattr(sparsity, "_EXACT_COUNT", exact_limit)
     x = make()

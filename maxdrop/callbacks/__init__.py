@@ -1,13 +1,22 @@
 """Lightning callbacks: sparsity monitoring, drop-mask images, the authors' evaluation protocol, the
-TensorBoard layout and HParams session of a run, the stop at a diverged loss, and SLURM's exact requeue."""
+TensorBoard layout and HParams session of a run, the stop at a diverged loss, and SLURM's exact requeue.
+
+The monitoring callbacks live in :mod:`maxdrop.monitoring`; this package re-exports them so that
+every ``maxdrop.callbacks.X`` class path of a config keeps working.
+"""
 
 from maxdrop.callbacks.divergence import DivergenceGuard, TrainingDiverged
-from maxdrop.callbacks.drop_masks import DropMaskImages
 from maxdrop.callbacks.eval_protocol import MaxDropoutActiveInEval, set_active_in_eval
-from maxdrop.callbacks.hparams import HParamsSession
 from maxdrop.callbacks.requeue import SlurmRequeue
-from maxdrop.callbacks.sparsity import SUMMARY_FORMAT, SparsityMonitor, find_dropout_slots, load_sparsity_summary
-from maxdrop.callbacks.tensorboard_layout import CustomScalarsLayout
+from maxdrop.models.slots import find_dropout_slots
+from maxdrop.monitoring import (
+    SUMMARY_FORMAT,
+    CustomScalarsLayout,
+    DropMaskImages,
+    HParamsSession,
+    SparsityMonitor,
+    load_sparsity_summary,
+)
 
 __all__ = [
     "SUMMARY_FORMAT",

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from maxdrop.callbacks.sparsity_reduce import DROPPED, NONFINITE, NUMEL_IN, NUMEL_OUT, NZ_IN, NZ_OUT, SEEN
+from maxdrop.monitoring.sparsity_reduce import DROPPED, NONFINITE, NUMEL_IN, NUMEL_OUT, NZ_IN, NZ_OUT, SEEN
 
 __all__ = ["RECORD_FIELDS", "SUMMARY_FORMAT", "SummaryFile", "load_sparsity_summary", "slot_figures"]
 

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from maxdrop.callbacks.sparsity import SparsityMonitor
 from maxdrop.models.slots import find_dropout_slots
+from maxdrop.monitoring.sparsity import SparsityMonitor
 
 __all__ = ["CustomScalarsLayout", "custom_scalars_layout"]
 

@@ -6,9 +6,9 @@ sums its figures on the device during the epoch (no host-device sync per layer p
 them across DDP ranks once at the end of the epoch, and writes them to every logger, to TensorBoard
 histograms and to a JSON summary in the run folder. ``docs/monitoring.md`` lists every tag.
 
-The parts live beside this file: :mod:`~maxdrop.callbacks.sparsity_counting` (the slots and the
-sums the hooks keep), :mod:`~maxdrop.callbacks.sparsity_reduce` (the cross-rank reduction) and
-:mod:`~maxdrop.callbacks.sparsity_writing` (loggers, histograms, the summary file).
+The parts live beside this file: :mod:`~maxdrop.monitoring.sparsity_counting` (the slots and the
+sums the hooks keep), :mod:`~maxdrop.monitoring.sparsity_reduce` (the cross-rank reduction) and
+:mod:`~maxdrop.monitoring.sparsity_writing` (loggers, histograms, the summary file).
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from maxdrop.callbacks.sparsity_counting import (
+from maxdrop.distributed import destroy_process_group_at_exit
+from maxdrop.models.slots import find_dropout_slots
+from maxdrop.monitoring.sparsity_counting import (
     EXACT_COUNT,
     SlotSums,
     channel_stats,
     has_drop_counters,
     has_nonfinite,
 )
-from maxdrop.callbacks.sparsity_reduce import local_scalars, reduce_sums, reduce_window, target_device
-from maxdrop.callbacks.sparsity_writing import (
+from maxdrop.monitoring.sparsity_reduce import local_scalars, reduce_sums, reduce_window, target_device
+from maxdrop.monitoring.sparsity_writing import (
     SUMMARY_FORMAT,
     SummaryFile,
     load_sparsity_summary,
@@ -38,8 +40,6 @@ from maxdrop.callbacks.sparsity_writing import (
     slot_figures,
     write_histograms,
 )
-from maxdrop.distributed import destroy_process_group_at_exit
-from maxdrop.models.slots import find_dropout_slots
 
 __all__ = ["SUMMARY_FORMAT", "SparsityMonitor", "find_dropout_slots", "load_sparsity_summary"]
 
@@ -169,7 +169,7 @@ class SparsityMonitor(pl.Callback):
 
     def _channel_stats(self, x: Tensor, magnitude: bool) -> tuple[Tensor, Tensor | None]:
         """Per-channel nonzero count, int64 (C,), and sum of |x|, float32 (C,) or None
-        (:func:`~maxdrop.callbacks.sparsity_counting.channel_stats`)."""
+        (:func:`~maxdrop.monitoring.sparsity_counting.channel_stats`)."""
         return channel_stats(x, magnitude, self._buffer, _EXACT_COUNT)
 
     def _make_pre_hook(self, name: str):

@@ -4,7 +4,7 @@
 end of fit it runs a fixed set of K validation images (chosen once by seed) through a private copy of
 the backbone, on global rank 0 only, and writes per slot one grid: the images, the slot's input as a
 per-position map, and the share of the active channels its layer dropped at each position (maps and
-rendering in :mod:`maxdrop.callbacks.drop_mask_render`). Training is untouched: the copy reads the
+rendering in :mod:`maxdrop.monitoring.drop_mask_render`). Training is untouched: the copy reads the
 parameters but has its own buffers, counters and mode flags and no other callback's hooks, and every
 random-number generator is restored afterwards (``docs/monitoring.md``, "drop-mask images").
 """
@@ -23,8 +23,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from maxdrop.callbacks.drop_mask_render import compose_grid, drop_map, image_summary, input_map, labelled_png
 from maxdrop.models.slots import find_dropout_slots
+from maxdrop.monitoring.drop_mask_render import compose_grid, drop_map, image_summary, input_map, labelled_png
 
 __all__ = ["DropMaskImages", "drop_map", "input_map"]
 

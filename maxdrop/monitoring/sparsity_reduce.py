@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from maxdrop.callbacks.sparsity_counting import SlotSums
+from maxdrop.monitoring.sparsity_counting import SlotSums
 
 __all__ = ["COLUMNS", "local_scalars", "reduce_sums", "target_device"]
 
