@@ -3,8 +3,8 @@
     maxdrop fit --config configs/quickstart.yaml --data.data_dir ../shared/data/cifar10-jpeg.tar.gz
     maxdrop test --config configs/quickstart.yaml --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt
     maxdrop slots maxdrop.models.ResNet18
-    maxdrop grid configs/paper/*.yaml --seeds 0 1 2    (maxdrop.grid)
-    maxdrop report lightning_logs/study                 (maxdrop.report)
+    maxdrop grid configs/paper/*.yaml --seeds 0 1 2    (maxdrop.experiments.grid)
+    maxdrop report lightning_logs/study                 (maxdrop.experiments.report)
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands: the model and the data
 are chosen by ``class_path`` (subclass mode), ``data.num_classes`` is linked into
@@ -50,7 +50,7 @@ DESCRIPTION = (
     "`maxdrop grid` runs configs x seeds, `maxdrop report` tabulates and plots the runs (each has --help)."
 )
 #: Commands that are not LightningCLI subcommands: name -> module whose main(argv) -> exit status runs it.
-TOOLS = {"grid": "maxdrop.grid", "report": "maxdrop.report"}
+TOOLS = {"grid": "maxdrop.experiments.grid", "report": "maxdrop.experiments.report"}
 #: The errors that bad input raises (from our classes, Lightning, jsonargparse and the OS); reported as
 #: one paragraph instead of a traceback.
 USER_ERRORS = (ValueError, TypeError, KeyError, ImportError, OSError, MisconfigurationException)

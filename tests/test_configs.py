@@ -150,7 +150,7 @@ FRAGMENTS = sorted([*(CONFIGS / "cluster").glob("*.yaml"), CONFIGS / "speed" / "
 
 @pytest.mark.parametrize("config", STUDY, ids=lambda p: p.stem)
 def test_study_configs_build_and_differ_from_the_baseline_only_in_slots_and_augmentation(config, tmp_path, monkeypatch):
-    from maxdrop.report import DEFAULT_COMPARED, config_key
+    from maxdrop.experiments.report import DEFAULT_COMPARED, config_key
 
     monkeypatch.chdir(tmp_path)
     cli = build(config)
@@ -205,7 +205,7 @@ def _saved_config(cli: MaxdropCLI) -> dict:
 @pytest.mark.parametrize("size", sorted(STUDY2_SIZES))
 @pytest.mark.parametrize("config", STUDY2, ids=lambda p: p.stem)
 def test_study2_rows_differ_from_the_baseline_only_in_slots_and_augmentation(config, size, tmp_path, monkeypatch):
-    from maxdrop.report import DEFAULT_COMPARED, config_key
+    from maxdrop.experiments.report import DEFAULT_COMPARED, config_key
 
     monkeypatch.chdir(tmp_path)
     cli = _study2_build(config, size)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from data_helpers import tiny_run_config
 
-from maxdrop.grid import commands, main, pairs
-from maxdrop.report import report
+from maxdrop.experiments.grid import commands, main, pairs
+from maxdrop.experiments.report import report
 
 CONFIG = tiny_run_config("DATA", slots="SLOTS", lr_scheduler=None, data={"batch_size": 16})
 

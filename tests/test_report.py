@@ -7,9 +7,9 @@ import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from scipy import stats
 
-from maxdrop.report import ReportError, find_runs, main, report
-from maxdrop.report_plots import colours
-from maxdrop.report_stats import Comparison, compare, holm
+from maxdrop.experiments.report import ReportError, find_runs, main, report
+from maxdrop.experiments.report_plots import colours
+from maxdrop.experiments.report_stats import Comparison, compare, holm
 
 
 def make_run(

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from maxdrop.cli import main
-from maxdrop.grid import main as grid_main
+from maxdrop.experiments.grid import main as grid_main
 from maxdrop.monitoring.tensorboard_layout import custom_scalars_layout
 
 SLOTS = {

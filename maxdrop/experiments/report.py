@@ -9,7 +9,8 @@ paths and the logger removed, so the seeds of one config form one row.
 Each row is compared with the baseline (``--baseline``) and, optionally, with a reference of its own
 (``--versus ROW=REF``, e.g. a dropout variant against ``nn.Dropout`` at the same rate): the mean
 difference in test error with its 95 % confidence interval, the uncorrected t-test p-value and the
-Holm–Bonferroni-corrected one (over all comparisons of that column set). Figures: :mod:`maxdrop.report_plots`.
+Holm–Bonferroni-corrected one (over all comparisons of that column set). Figures:
+:mod:`maxdrop.experiments.report_plots`.
 
     maxdrop report lightning_logs/study --baseline no_dropout --out docs/results
     maxdrop report results/study2/n100 --baseline no_dropout --test paired \
@@ -27,8 +28,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from maxdrop.report_plots import plot
-from maxdrop.report_runs import (  # noqa: F401  (re-exported: the report's public API)
+from maxdrop.experiments.report_plots import plot
+from maxdrop.experiments.report_runs import (  # noqa: F401  (re-exported: the report's public API)
     DEFAULT_COMPARED,
     ReportError,
     Run,
@@ -39,7 +40,7 @@ from maxdrop.report_runs import (  # noqa: F401  (re-exported: the report's publ
     group_runs,
     read_scalars,
 )
-from maxdrop.report_stats import TESTS, Comparison, compare, holm
+from maxdrop.experiments.report_stats import TESTS, Comparison, compare, holm
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
