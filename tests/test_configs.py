@@ -156,7 +156,9 @@ def test_study_configs_build_and_differ_from_the_baseline_only_in_slots_and_augm
     cli = build(config)
     assert isinstance(cli.model.backbone, FastCNN)
     assert any(isinstance(cb, SparsityMonitor) for cb in cli.trainer.callbacks)
-    base, this = (config_key(yaml.safe_load(p.read_text())) for p in (CONFIGS / "study" / "no_dropout.yaml", config))
+    # The resolved configs: a row file names its shared parts (base/*.yaml) by path.
+    base = config_key(_saved_config(build(CONFIGS / "study" / "no_dropout.yaml")))
+    this = config_key(_saved_config(cli))
     differ = {k for k in base.keys() | this.keys() if base.get(k) != this.get(k)}
     assert all(any(k.startswith(c) for c in DEFAULT_COMPARED) for k in differ), differ
 
