@@ -16,7 +16,7 @@ from maxdrop.data import CIFARDataModule
 from maxdrop.models import FastCNN, ResNet18, WideResNet
 from maxdrop.module import ClassificationModule
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PARTS = ("data", "model", "trainer")  # folders of config parts, composed by the files in paper/
 FULL = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in PARTS)
 

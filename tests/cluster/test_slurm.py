@@ -19,13 +19,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from data_helpers import CIFAR10_CLASSES, tiny_run_config, tree_files, write_image_tree
-from slurm_cluster import SlurmCluster, missing_binaries
 
 from maxdrop.callbacks import load_sparsity_summary
 from maxdrop.callbacks.requeue import JobRequeued, SlurmRequeue, hpc_checkpoints
+from tests.helpers.data import CIFAR10_CLASSES, tiny_run_config, tree_files, write_image_tree
+from tests.helpers.slurm_cluster import SlurmCluster, missing_binaries
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The 2-task jobs: global batch 4 (2 images per rank and step), ~100 steps per epoch, 3 epochs.
 JOB_ARGS = ["--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1"]

@@ -11,7 +11,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from data_helpers import tiny_run_config
 from torch import nn
 
 from maxdrop import ProbGuidedMaxout
@@ -19,6 +18,7 @@ from maxdrop.callbacks import SparsityMonitor, load_sparsity_summary
 from maxdrop.cli import main
 from maxdrop.models import FastCNN, ResNet18
 from maxdrop.module import ClassificationModule
+from tests.helpers.data import tiny_run_config
 
 ONE_CYCLE = {"class_path": "torch.optim.lr_scheduler.OneCycleLR", "init_args": {"max_lr": 0.05}}
 

@@ -1,6 +1,6 @@
 """SparsityMonitor under real DDP: Lightning's strategy="ddp" with 2 gloo processes on the CPU.
 
-Run by the test as ``python tests/test_monitoring_ddp.py OUT_DIR 2``; Lightning's DDP launcher
+Run by the test as ``python tests/monitoring/test_sparsity_ddp.py OUT_DIR 2``; Lightning's DDP launcher
 starts rank 1 by running the same command again. Each rank writes what it logged and its own
 independent counts to ``OUT_DIR/rank<r>.json``.
 """
@@ -20,10 +20,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_monitoring import CHANNELS, TinyBackbone, TinyModule, default_slots, read_events  # noqa: E402
-
-from maxdrop.callbacks import SparsityMonitor, load_sparsity_summary  # noqa: E402
+from maxdrop.callbacks import SparsityMonitor, load_sparsity_summary
+from tests.monitoring.test_sparsity import CHANNELS, TinyBackbone, TinyModule, default_slots, read_events
 
 EPOCHS, BATCHES, VAL_BATCHES, BATCH = 2, 3, 2, 8
 SLOTS = ("stage1", "stage2", "head", "aux")
@@ -77,7 +75,9 @@ def independent(ranks: list[dict], phase: str, epoch: int, slot: str, key: str) 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    root = str(Path(__file__).resolve().parents[2])  # the script imports tests.helpers: the repository root
+    pythonpath = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath}
     proc = subprocess.run(
         [sys.executable, __file__, str(out), "2"], env=env, capture_output=True, text=True, timeout=180
     )

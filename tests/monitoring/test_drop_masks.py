@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from data_helpers import tiny_run_config
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
@@ -31,8 +30,9 @@ from maxdrop.data import CIFARDataModule, RawBatch
 from maxdrop.models import FastCNN
 from maxdrop.module import ClassificationModule
 from maxdrop.monitoring.drop_masks import TAG, drop_map, input_map
+from tests.helpers.data import tiny_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = [ROOT / "configs" / "quickstart.yaml", *sorted((ROOT / "configs" / "study").glob("*.yaml"))]
 EVERY_KIND = {
     "maxdrop_torch": {

@@ -12,7 +12,13 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from data_helpers import (
+from torch import nn
+
+import maxdrop.data.cache as cache_mod
+from maxdrop.data import AugmentConfig, CIFARDataModule, DataSourceError, RawBatch, apply_batch, sample_params
+from maxdrop.data.augment import cutout_mask
+from maxdrop.data.cifar import TensorLoader
+from tests.helpers.data import (
     CIFAR10_CLASSES,
     expected_split,
     official_batches,
@@ -22,12 +28,6 @@ from data_helpers import (
     write_official_archive,
     write_official_dir,
 )
-from torch import nn
-
-import maxdrop.data.cache as cache_mod
-from maxdrop.data import AugmentConfig, CIFARDataModule, DataSourceError, RawBatch, apply_batch, sample_params
-from maxdrop.data.augment import cutout_mask
-from maxdrop.data.cifar import TensorLoader
 
 
 def dm_for(path: Path, tmp_path: Path, **kw) -> CIFARDataModule:

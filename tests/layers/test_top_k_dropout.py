@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from data_helpers import tiny_run_config
-from test_monitoring import RecordedClassifier
 
 from maxdrop import TopDropBlock, TopKDropout, top_drop_block, top_drop_block_mask, top_k_dropout, top_k_dropout_mask
 from maxdrop.callbacks import load_sparsity_summary
 from maxdrop.cli import MaxdropCLI
+from tests.helpers.data import tiny_run_config
+from tests.monitoring.test_sparsity import RecordedClassifier
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 topk_impl = importlib.import_module("maxdrop.layers.top_k_dropout")  # the package exports a function of that name

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import tiny_run_config
 
-TESTS = Path(__file__).parent
+from tests.helpers.data import tiny_run_config
+
+ROOT = Path(__file__).resolve().parents[2]  # CLI subprocesses load tests.helpers.cluster by class path
 
 CONFIG = tiny_run_config(
     "DATA",
@@ -45,7 +46,7 @@ def _logger(root: Path, version: str) -> str:
 
 
 def _maxdrop(*args: str, env: dict | None = None, cwd: Path, **kw) -> subprocess.Popen:
-    full_env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "maxdrop", *args],
         env=full_env,
@@ -99,7 +100,7 @@ def test_two_nodes_train_on_disjoint_shards_and_monitoring_covers_both(tmp_path,
     common = [
         "fit", "--config", str(cfg), "--trainer.logger", _logger(tmp_path, "two_nodes"),
         "--trainer.strategy", "ddp", "--trainer.num_nodes", "2", "--trainer.devices", "1",
-        "--trainer.max_epochs", "2", "--trainer.callbacks+=cluster_helpers.ShardRecorder",
+        "--trainer.max_epochs", "2", "--trainer.callbacks+=tests.helpers.cluster.ShardRecorder",
     ]  # fmt: skip
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "SHARD_DIR": str(tmp_path)}
     procs = [_maxdrop(*common, env={**env, "NODE_RANK": str(r)}, cwd=tmp_path) for r in (0, 1)]
@@ -134,7 +135,7 @@ def test_a_dead_rank_ends_the_whole_job_non_zero(tmp_path, tiny_tree):
     proc = _maxdrop(
         "fit", "--config", str(cfg), "--trainer.logger", _logger(tmp_path, "dies"),
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "1000",
-        "--trainer.callbacks+=cluster_helpers.SlowTraining",
+        "--trainer.callbacks+=tests.helpers.cluster.SlowTraining",
         env={"SHARD_DIR": str(tmp_path), "MASTER_PORT": str(_free_port())}, cwd=tmp_path, start_new_session=True,
     )  # fmt: skip
     try:

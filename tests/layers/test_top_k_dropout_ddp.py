@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_layers_ddp import _free_port
 
 from maxdrop import TopKDropout, top_k_dropout_mask
+from tests.layers.test_max_dropout_ddp import _free_port
 
 
 def batches() -> dict[str, torch.Tensor]:

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_helpers import tiny_run_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from maxdrop.cli import main
 from maxdrop.experiments.grid import main as grid_main
 from maxdrop.monitoring.tensorboard_layout import custom_scalars_layout
+from tests.helpers.data import tiny_run_config
 
 SLOTS = {
     "stage1": {"class_path": "maxdrop.MaxDropout", "init_args": {"p": 0.3}},

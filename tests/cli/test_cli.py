@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from data_helpers import tiny_run_config, write_official_dir
 
 from maxdrop import MaxDropout
 from maxdrop.cli import MaxdropCLI, main
 from maxdrop.module import ClassificationModule
+from tests.helpers.data import tiny_run_config, write_official_dir
 
 TINY_CONFIG = tiny_run_config("DATA", trainer={"limit_train_batches": 3})
 

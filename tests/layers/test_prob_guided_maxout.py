@@ -2,7 +2,7 @@
 counters, bad input; the `head` slot of every backbone trains it through ClassificationModule; a
 `maxdrop fit` from YAML, with SparsityMonitor's count equal to an independent one; real DDP (2 gloo ranks).
 
-The DDP test runs ``python tests/test_prob_guided_maxout.py OUT_DIR``; Lightning's launcher starts
+The DDP test runs ``python tests/layers/test_prob_guided_maxout.py OUT_DIR``; Lightning's launcher starts
 rank 1 by running the same command again.
 """
 
@@ -23,8 +23,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from data_helpers import tiny_run_config
-from test_monitoring import images, make_trainer
 from torch import nn
 
 from maxdrop import MaxDropout, ProbGuidedMaxout
@@ -33,6 +31,8 @@ from maxdrop.cli import MaxdropCLI
 from maxdrop.layers import prob_guided_keep_fraction, prob_guided_maxout, prob_guided_maxout_mask
 from maxdrop.models import FastCNN, ResNet18, WideResNet
 from maxdrop.module import ClassificationModule
+from tests.helpers.data import tiny_run_config
+from tests.monitoring.test_sparsity import images, make_trainer
 
 
 def transcription(x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, scale: float = 1.0):
@@ -367,7 +367,9 @@ def ddp_fit(out: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_ranks_stay_in_sync_and_the_monitor_sums_their_counts(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    root = str(Path(__file__).resolve().parents[2])  # the script imports tests.helpers: the repository root
+    pythonpath = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath}
     proc = subprocess.run(
         [sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=180
     )

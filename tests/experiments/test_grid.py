@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_helpers import tiny_run_config
 
 from maxdrop.experiments.grid import commands, main, pairs
 from maxdrop.experiments.report import report
+from tests.helpers.data import tiny_run_config
 
 CONFIG = tiny_run_config("DATA", slots="SLOTS", lr_scheduler=None, data={"batch_size": 16})
 
