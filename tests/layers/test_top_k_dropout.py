@@ -1,19 +1,13 @@
-"""TopKDropout and TopDropBlock against literal transcriptions of their rules; gradients, counters, errors."""
+"""TopKDropout against a literal transcription of its rule; gradients, counters, errors (TopDropBlock:
+test_top_drop_block.py; both layers in slots through the CLI: tests/cli/test_top_layers_in_slots.py)."""
 
 import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from maxdrop import TopDropBlock, TopKDropout, top_drop_block, top_drop_block_mask, top_k_dropout, top_k_dropout_mask
-from maxdrop.callbacks import load_sparsity_summary
-from maxdrop.cli import MaxdropCLI
-from tests.helpers.data import tiny_run_config
-from tests.monitoring.test_sparsity import RecordedClassifier
+from maxdrop import TopDropBlock, TopKDropout, top_k_dropout, top_k_dropout_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 topk_impl = importlib.import_module("maxdrop.layers.top_k_dropout")  # the package exports a function of that name
@@ -200,141 +194,6 @@ def test_bad_scope_and_input_rank():
         TopKDropout(0.3, scope="channel").train()(torch.ones(4, 5))
     with pytest.raises(ValueError, match="scope 'sample' needs .* 1-dim"):
         top_k_dropout_mask(torch.ones(5), 0.3, "sample")
-
-
-# ----------------------------------------------------------------- TopDropBlock
-
-
-def top_drop_block_reference(x: torch.Tensor, h_ratio: float) -> torch.Tensor:
-    """Top-DB-Net's rule, literally: per sample, row score = max over w of sum over c of x**2; the
-    round(h_ratio * H) rows with the highest scores are dropped; equal scores: a stable ascending
-    sort, the last rows of it dropped (the higher index first)."""
-    n, c, h, w = x.shape
-    rh = round(h_ratio * h)
-    mask = torch.zeros(n, 1, h, 1, dtype=torch.bool)
-    for i in range(n):
-        scores = [max(sum(float(x[i, ch, r, col]) ** 2 for ch in range(c)) for col in range(w)) for r in range(h)]
-        order = sorted(range(h), key=lambda r: scores[r])
-        for r in order[h - rh :]:
-            mask[i, 0, r, 0] = True
-    return mask
-
-
-def tdb_inputs() -> list[tuple[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(4, 3, 9, 6, generator=g)
-    tied = x.clone()
-    tied[:, :, 4] = tied[:, :, 1]  # rows 1 and 4 tie, and so do rows 0, 7 and 8
-    tied[:, :, 7] = tied[:, :, 0]
-    tied[:, :, 8] = tied[:, :, 0]
-    return [
-        ("distinct", x),
-        ("negative", x - 2),
-        ("post-relu zeros", (x - 0.5).relu()),
-        ("ties", tied),
-        ("all zero", torch.zeros(2, 3, 5, 4)),
-        ("one sample", torch.randn(1, 5, 12, 7, generator=g)),
-        ("non-contiguous", torch.randn(3, 6, 10, 8, generator=g)[:, ::2, :, ::2]),
-        ("channels_last", x.contiguous(memory_format=torch.channels_last)),
-    ]
-
-
-TDB_CASES = tdb_inputs()
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name,x", TDB_CASES, ids=[c[0] for c in TDB_CASES])
-def test_top_drop_block_equals_the_transcription(name, x, dtype):
-    x = x.to(dtype)
-    for h_ratio in (0.33, 0.1, 0.5, 1.0):
-        expected = top_drop_block_reference(x, h_ratio)
-        assert torch.equal(top_drop_block_mask(x, h_ratio), expected), h_ratio
-        assert torch.equal(top_drop_block(x, h_ratio), x.masked_fill(expected, 0)), h_ratio
-
-
-def test_top_drop_block_tie_rule_drops_the_higher_row_index_first():
-    x = torch.ones(1, 2, 6, 3)
-    assert top_drop_block_mask(x, 0.33).flatten().tolist() == [False] * 4 + [True] * 2
-    x[0, :, 1] = 2.0  # the most active row goes first, then the highest index among the tied rest
-    assert top_drop_block_mask(x, 0.33).flatten().tolist() == [False, True, False, False, False, True]
-
-
-def test_top_drop_block_drops_nothing_when_the_row_count_rounds_to_zero():
-    """The authors' `ind[:, -rh:]` would select every row for rh == 0; here nothing is dropped."""
-    x = torch.randn(2, 3, 4, 4)
-    assert not top_drop_block_mask(x, 0.1).any()  # round(0.4) == 0
-    assert torch.equal(TopDropBlock(0.1).train()(x), x)
-
-
-def test_top_drop_block_gradient_counters_and_eval():
-    x = torch.randn(3, 4, 6, 5).requires_grad_()
-    g = torch.randn_like(x)
-    layer = TopDropBlock(0.5).train()
-    layer(x).backward(g)
-    mask = top_drop_block_reference(x.detach(), 0.5)
-    assert torch.equal(x.grad, g.masked_fill(mask, 0))
-    assert int(layer.last_dropped) == 3 * 3 * 4 * 5 and layer.last_seen == x.numel()
-    layer.eval()
-    assert layer(x) is x
-    active = TopDropBlock(0.5, active_in_eval=True).eval()
-    assert torch.equal(active(x), x.masked_fill(mask, 0)) and active.last_dropped is None
-    assert top_drop_block(x, training=False) is x and TopDropBlock(0.0).train()(x) is x
-    assert repr(TopDropBlock()) == "TopDropBlock(h_ratio=0.33)"
-    assert repr(active) == "TopDropBlock(h_ratio=0.5, active_in_eval=True)"
-
-
-@pytest.mark.parametrize("h_ratio", [-0.5, 1.01, math.nan])
-def test_top_drop_block_bad_ratio_and_rank(h_ratio):
-    with pytest.raises(ValueError, match=r"h_ratio must be in \[0, 1\], got " + str(h_ratio)):
-        TopDropBlock(h_ratio)
-    with pytest.raises(ValueError, match=r"expects an \(N, C, H, W\) input, got shape \(2, 3, 4\)"):
-        TopDropBlock().train()(torch.ones(2, 3, 4))
-
-
-# ----------------------------------------------------------------- both layers in slots, through the CLI
-
-
-class TopRecordedClassifier(RecordedClassifier):
-    """The project's module with independent counts of what the two layers drop (for the CLI test)."""
-
-    def install_recorder(self) -> None:
-        super().install_recorder()
-        self.reference_dropped: dict[tuple[int, str], int] = {}
-        for name, layer in self.backbone.dropout_slots().items():
-            layer.register_forward_hook(self._reference_hook(name))
-
-    def _reference_hook(self, name: str):
-        def hook(layer, args, y):
-            if self._phase != "train":
-                return
-            x = args[0].detach()
-            if isinstance(layer, TopKDropout):
-                dropped = int(topk_reference(x, layer.rate, layer.scope).sum())
-            else:
-                dropped = int(top_drop_block_reference(x, layer.h_ratio).sum()) * x.shape[1] * x.shape[3]
-            key = (self.current_epoch, name)
-            self.reference_dropped[key] = self.reference_dropped.get(key, 0) + dropped
-
-        return hook
-
-
-@pytest.mark.slow
-def test_cli_fit_with_both_layers_in_slots_counts_what_they_drop(tmp_path, monkeypatch, tiny_tree):
-    slots = {
-        "stage1": {"class_path": "maxdrop.TopKDropout", "init_args": {"rate": 0.3, "scope": "sample"}},
-        "stage2": {"class_path": "maxdrop.TopDropBlock", "init_args": {"h_ratio": 0.33}},
-    }
-    config = yaml.safe_load(tiny_run_config(str(tiny_tree), slots=slots, trainer={"limit_train_batches": 3}))
-    config["model"]["class_path"] = f"{__name__}.TopRecordedClassifier"
-    (tmp_path / "top.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["maxdrop"])
-    run = MaxdropCLI(args=["fit", "--config", "top.yaml"])
-    assert isinstance(run.model.backbone.stage_slots["stage1"], TopKDropout)
-    records = load_sparsity_summary(Path(run.trainer.log_dir))["records"]
-    assert {(r["epoch"], r["slot"]) for r in records} == set(run.model.reference_dropped)
-    for rec in records:
-        assert rec["dropped"] == run.model.reference_dropped[(rec["epoch"], rec["slot"])] > 0, rec
 
 
 @pytest.mark.parametrize("layer", [TopKDropout(0.3, "sample"), TopKDropout(0.3, "tensor"), TopDropBlock()], ids=repr)
