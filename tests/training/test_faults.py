@@ -87,7 +87,7 @@ def test_huge_learning_rate_stops_with_one_paragraph(tmp_path, tiny_tree, capsys
 
 def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path, tiny_tree, capsys):
     # 30 training images in batches of 8: 4 steps per epoch; NaN from the 7th step (epoch 1).
-    slots = {"stage1": {"class_path": "test_faults.NaNAfter", "init_args": {"after": 6}}}
+    slots = {"stage1": {"class_path": f"{__name__}.NaNAfter", "init_args": {"after": 6}}}
     cfg = _write(tmp_path, tiny_tree, slots=slots, trainer={"max_epochs": 3})
     err = _fails(capsys, 1, "fit", "--config", cfg, "--trainer.logger", _logger(tmp_path, "nan"))
     assert "training diverged at step 7 (epoch 1, batch 2): the loss is nan" in err
@@ -121,7 +121,7 @@ def test_monitor_counts_nonfinite_inputs_and_skips_them_in_histograms(tmp_path):
 
 def _two_epochs_of_three(tmp_path: Path, cfg: str, version: str) -> tuple[list[str], Path]:
     """A 3-epoch fit stopped after 2 epochs: its command and its last.ckpt."""
-    stop = json.dumps({"class_path": "test_faults.StopAfterEpochs", "init_args": {"epochs": 2}})
+    stop = json.dumps({"class_path": f"{__name__}.StopAfterEpochs", "init_args": {"epochs": 2}})
     common = ["fit", "--config", cfg, "--trainer.logger", _logger(tmp_path, version)]
     main([*common, f"--trainer.callbacks+={stop}"])
     last = tmp_path / "runs" / version / "checkpoints" / "last.ckpt"
