@@ -14,8 +14,8 @@ DataLoader with 0 workers). The decode cache must exist or is built first (secon
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
+import sys
 import time
 from itertools import islice
 from pathlib import Path
@@ -24,6 +24,9 @@ import torch
 from torch import nn
 
 from maxdrop.data import CIFARDataModule
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _load import load_line  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -114,11 +117,7 @@ def main() -> None:
     step = med["train step (small CNN)"]
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}, data {args.data}")
-    print(
-        "load average (1, 5, 15 min) at the end: {:.2f} {:.2f} {:.2f} on {} cores".format(
-            *os.getloadavg(), os.cpu_count()
-        )
-    )
+    print(load_line("at the end"))
     print(f"{'path':<40} {'images/s':>10} {'x train step':>13} {'data share of a step':>21}")
     print(f"{'train step (small CNN)':<40} {step:>10.0f} {1.0:>13.2f} {'':>21}")
     for name in paths:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +22,9 @@ from maxdrop import MaxDropout
 from maxdrop.data import CIFARDataModule
 from maxdrop.models import ResNet18
 from maxdrop.module import ClassificationModule
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _load import load_line  # noqa: E402
 
 
 class Throughput(pl.Callback):
@@ -75,6 +80,7 @@ def main() -> None:
         f"bf16, batch {args.batch}, compile={not args.no_compile}: "
         f"{meter.images / meter.seconds:,.0f} images/s over epochs 2-{args.epochs}"
     )
+    print(load_line("at the end"))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -37,6 +38,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from maxdrop.callbacks import DropMaskImages, SparsityMonitor
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _load import load_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_TRAIN = 50_000
@@ -182,6 +186,7 @@ def main() -> None:
         f"batch {batch} float32 CPU, torch {torch.__version__}, threads {torch.get_num_threads()}; "
         f"{len(off)} alternating step pairs"
     )
+    print(load_line("at the end"))
     print(f"{'variant':<26} {'step ms (median)':>17}")
     print(f"{'without SparsityMonitor':<26} {med_off:>17.1f}")
     print(f"{'with SparsityMonitor':<26} {med_on:>17.1f}")

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -27,6 +29,9 @@ from maxdrop import MaxDropout
 from maxdrop.callbacks import SparsityMonitor
 from maxdrop.models import FastCNN, ResNet18
 from maxdrop.module import ClassificationModule
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _load import load_line  # noqa: E402
 
 MAXDROP = functools.partial(MaxDropout, p=0.3)
 
@@ -158,6 +163,7 @@ def main() -> None:
     dev = args.device
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; lightning {pl.__version__}; precision {args.precision}")
+    print(load_line("at the start"))
     print(f"{'comparison (images/s: fast variant, slow variant)':<58} {'fast':>9} {'slow':>9} {'slower by':>9}")
     n = args.warmup + args.steps
     quick = make_batches(n, args.batch, dev)

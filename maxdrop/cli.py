@@ -10,36 +10,53 @@
 are chosen by ``class_path`` (subclass mode), ``data.num_classes`` is linked into
 ``model.init_args.num_classes``, the seed defaults to 0, each run's config is saved beside its
 event files in ``lightning_logs/version_N/config.yaml``, and checkpoints keep the last epoch and
-the best one by validation error (configurable under ``--checkpoint.*``). ``slots`` lists a
-backbone's dropout slots. Bad input ends with one paragraph on stderr and exit status 2, a failed run
-(e.g. a diverged loss) with one paragraph and exit status 1 (set ``MAXDROP_DEBUG=1`` for the traceback).
+the best one by validation error (configurable under ``--checkpoint.*``), written atomically
+(:class:`~maxdrop.training.checkpoints.AtomicCheckpointIO`). The guards are in the config too, each with an
+``enabled`` switch: ``divergence`` (stop at a NaN/inf loss), ``tensorboard_layout``, ``hparams``, ``requeue``.
+``slots`` lists a backbone's dropout slots.
+
+Errors: the run starts when Lightning enters its first loop (the sanity check or first training epoch of
+``fit``, the loop of ``validate``/``test``/``predict``). Bad input, found before that (parsing, building the
+classes, ``setup``, loading and checking a checkpoint, ``configure_optimizers``), ends with one paragraph on
+stderr and exit status 2 (``MAXDROP_DEBUG=1`` shows the traceback). Anything raised after it is a failed run:
+exit status 1, its traceback, then one paragraph on the last line; a diverged loss and a checkpoint that
+cannot be written are diagnosed in that paragraph alone.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 import sys
 import textwrap
+import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import lightning.pytorch as pl
 import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from maxdrop.callbacks.divergence import DivergenceGuard, TrainingDiverged
-from maxdrop.callbacks.requeue import SlurmRequeue, resumes_from_hpc_checkpoint
 from maxdrop.models.slots import SlottedBackbone
-from maxdrop.module import ClassificationModule
+from maxdrop.monitoring.drop_masks import DropMaskImages
 from maxdrop.monitoring.hparams import HParamsSession
 from maxdrop.monitoring.tensorboard_layout import CustomScalarsLayout
+from maxdrop.training.checkpoints import AtomicCheckpointIO, CheckpointWriteError, LastAndBestCheckpoint
+from maxdrop.training.divergence import DivergenceGuard, TrainingDiverged
+from maxdrop.training.module import ClassificationModule
+from maxdrop.training.prediction_writer import PredictionWriter
+from maxdrop.training.requeue import SlurmRequeue, resumes_from_hpc_checkpoint
+from maxdrop.utils.class_paths import import_class_path
 
 __all__ = ["LastAndBestCheckpoint", "MaxdropCLI", "PredictionWriter", "UsageError", "main"]
 
@@ -51,13 +68,21 @@ DESCRIPTION = (
 )
 #: Commands that are not LightningCLI subcommands: name -> module whose main(argv) -> exit status runs it.
 TOOLS = {"grid": "maxdrop.experiments.grid", "report": "maxdrop.experiments.report"}
-#: The errors that bad input raises (from our classes, Lightning, jsonargparse and the OS); reported as
-#: one paragraph instead of a traceback.
-USER_ERRORS = (ValueError, TypeError, KeyError, ImportError, OSError, MisconfigurationException)
+#: The errors that bad input raises before the run starts (from our classes, Lightning, jsonargparse and the
+#: OS): reported as one paragraph. Once the run has started nothing is treated as input (see RunFailed).
+INPUT_ERRORS = (ValueError, TypeError, KeyError, ImportError, OSError, MisconfigurationException)
+#: Run failures whose message says all there is to say (where, why, what to do): no traceback.
+DIAGNOSED_FAILURES = (TrainingDiverged, CheckpointWriteError)
+#: Callbacks that only write to a logger: without one they step aside (Lightning's raise instead).
+LOGGER_ONLY_CALLBACKS = (LearningRateMonitor, DeviceStatsMonitor, CustomScalarsLayout, HParamsSession, DropMaskImages)
 
 
 class UsageError(Exception):
     """Bad command-line input, reported as one paragraph and exit status 2."""
+
+
+class RunFailed(Exception):
+    """An exception (its ``__cause__``) raised after the run started: exit status 1 with its traceback."""
 
 
 def _one_paragraph(message: str, limit: int = 1200) -> str:
@@ -90,13 +115,22 @@ def _simplify(message: str) -> str:
 
 
 def _root_cause(err: BaseException) -> BaseException:
-    """The innermost exception of a chain (jsonargparse re-raises a class's own error inside its own)."""
-    while err.__cause__ is not None and isinstance(err.__cause__, USER_ERRORS):
+    """The innermost exception of a chain (jsonargparse re-raises a class's own error inside its own); a
+    UsageError is the message we built for the user and is kept, whatever caused it."""
+    while not isinstance(err, UsageError) and isinstance(err.__cause__, (UsageError, *INPUT_ERRORS)):
         err = err.__cause__
     return err
 
 
-def _report(message: str, status: int = 2) -> NoReturn:
+def _usage_error(err: BaseException) -> UsageError:
+    """Bad input found before the run started, as the one paragraph that says what is wrong."""
+    cause = _root_cause(err)
+    if isinstance(cause, UsageError):
+        return cause
+    return UsageError(str(cause) if isinstance(cause, ValueError) else f"{type(cause).__name__}: {cause}")
+
+
+def _report(message: str, status: int = 2, hint: str | None = None) -> NoReturn:
     """One paragraph on stderr, then exit: status 2 for bad input, 1 for a run that failed."""
     wrapped = textwrap.fill(
         _one_paragraph(message),
@@ -106,9 +140,47 @@ def _report(message: str, status: int = 2) -> NoReturn:
         break_on_hyphens=False,  # paths and options stay whole, so they can be copied
         break_long_words=False,
     )
-    hint = f"`{PROG} --help` lists the options; " if status == 2 else ""
-    sys.stderr.write(wrapped + f"\n  ({hint}MAXDROP_DEBUG=1 shows the traceback)\n")
+    if hint is None:
+        hint = f"`{PROG} --help` lists the options; " if status == 2 else ""
+        hint += "MAXDROP_DEBUG=1 shows the traceback"
+    sys.stderr.write(wrapped + (f"\n  ({hint})\n" if hint else "\n"))
     raise SystemExit(status)
+
+
+def quiet_lightning() -> None:
+    """Silence what a user cannot act on: Lightning's litlogger advertisement, the ``LeafSpec`` deprecation
+    that Lightning's own pytree code triggers on recent torch, the non-empty checkpoint-folder warning
+    (SaveRunConfig already refuses a fresh fit into a run's folder; a resume writes there on purpose) and
+    predict's batch-indices notice."""
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # PredictionWriter does not use batch indices, which Lightning cannot infer from a TensorLoader.
+    warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices fetched from your dataloader")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoLitloggerTip) for f in logger.filters):
+            logger.addFilter(_NoLitloggerTip())
+
+
+class _NoLitloggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+class _RunPhase(pl.Callback):
+    """Marks when the run starts: the first loop Lightning enters (the sanity-check validation, the first
+    training epoch, or the validate/test/predict loop). Everything before it (parsing, building the classes,
+    ``setup``, loading and checking a checkpoint, ``configure_optimizers``) is checking the input."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def _start(self, *_: Any) -> None:
+        self.started = True
+
+    on_sanity_check_start = on_train_start = on_validation_start = on_test_start = on_predict_start = _start
 
 
 class MaxdropArgumentParser(LightningArgumentParser):
@@ -118,61 +190,6 @@ class MaxdropArgumentParser(LightningArgumentParser):
         if os.environ.get("MAXDROP_DEBUG") or not self.exit_on_error:
             super().error(message, ex)
         _report(_simplify(message))
-
-
-class LastAndBestCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose ``last.ckpt`` is always the latest epoch, beside the best by the monitor.
-
-    Lightning 2.6 refreshes ``last.ckpt`` only in a step where it also wrote a top-k checkpoint, so with
-    a monitored metric that did not improve, ``last.ckpt`` would stay at an older epoch (a resume from it
-    would repeat epochs, and the last epoch's weights, which the paper reports, would be lost).
-    """
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def _refresh_last(self, trainer: Any) -> None:
-        # Skipped when the step was already saved (then last.ckpt was written with it).
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-class PredictionWriter(BasePredictionWriter):
-    """Saves the predictions of ``maxdrop predict`` in the run folder.
-
-    The file holds ``{"preds": (N,) int64 classes, "probs": (N, num_classes) float32}`` in the order of
-    the predict dataloader (the test split for :class:`~maxdrop.data.CIFARDataModule`). A run with
-    several processes writes one file per rank, suffixed ``.rank<r>``.
-
-    Args:
-        filename: file name, relative to the run folder (``trainer.log_dir``) unless absolute.
-    """
-
-    def __init__(self, filename: str = "predictions.pt") -> None:
-        super().__init__(write_interval="epoch")
-        self.filename = filename
-
-    def write_on_epoch_end(self, trainer: Any, pl_module: Any, predictions: Sequence[Any], batch_indices: Any) -> None:
-        if predictions and isinstance(predictions[0], list):  # several predict dataloaders: keep the first
-            predictions = predictions[0]
-        if not predictions:
-            return
-        out = {key: torch.cat([p[key] for p in predictions]).cpu() for key in predictions[0]}
-        path = Path(self.filename)
-        if not path.is_absolute():
-            path = Path(trainer.log_dir or trainer.default_root_dir) / path
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.name}.rank{trainer.global_rank}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, path)
-        rank_zero_info(f"predictions of {len(out['preds'])} images saved to {path}")
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -212,6 +229,7 @@ class MaxdropCLI(LightningCLI):
     """LightningCLI with the maxdrop defaults: links, checkpointing, seed, config saving, clear errors."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        quiet_lightning()
         kwargs.setdefault("parser_kwargs", {"prog": PROG, "description": DESCRIPTION})
         super().__init__(
             model_class=ClassificationModule,
@@ -256,6 +274,11 @@ class MaxdropCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         # Inside a SLURM job: on --signal's SIGUSR1, save at a step boundary, requeue, resume exactly.
         parser.add_lightning_class_args(SlurmRequeue, "requeue")
+        # The guards, on by default, each with an `enabled` switch: stop at a NaN/inf loss (checked every
+        # N steps and before each checkpoint), TensorBoard's custom-scalars layout and HParams session.
+        parser.add_lightning_class_args(DivergenceGuard, "divergence")
+        parser.add_lightning_class_args(CustomScalarsLayout, "tensorboard_layout")
+        parser.add_lightning_class_args(HParamsSession, "hparams")
 
     def before_instantiate_classes(self) -> None:
         threads = self._get(self.config, "num_threads")
@@ -265,9 +288,49 @@ class MaxdropCLI(LightningCLI):
             torch.set_num_threads(threads)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        # Always on, outside the config: stop at a NaN loss, the TensorBoard layout and HParams session.
-        extra = [DivergenceGuard(), CustomScalarsLayout(), HParamsSession()]
-        return super()._instantiate_trainer(config, [*callbacks, *extra])
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own CheckpointIO is kept
+            config = {**config, "plugins": [*plugins, AtomicCheckpointIO()]}
+        self._run_phase = _RunPhase()
+        trainer = super()._instantiate_trainer(config, [*callbacks, self._run_phase])
+        if not trainer.loggers:
+            idle = [cb for cb in trainer.callbacks if isinstance(cb, LOGGER_ONLY_CALLBACKS)]
+            shown = sorted({type(cb).__name__ for cb in idle if getattr(cb, "enabled", True)})
+            trainer.callbacks = [cb for cb in trainer.callbacks if cb not in idle]
+            if shown:
+                rank_zero_warn(
+                    f"no logger (trainer.logger is false): {', '.join(shown)} only log and are off for this run"
+                )
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as err:
+            phase = getattr(self, "_run_phase", None)
+            if isinstance(err, UsageError):
+                raise
+            if phase is None or not phase.started:  # still checking the input: setup, checkpoint, optimizers
+                if isinstance(err, INPUT_ERRORS):
+                    raise _usage_error(err) from err
+                raise
+            raise RunFailed(self._failure_summary(err)) from err
+
+    def _failure_summary(self, err: BaseException) -> str:
+        if isinstance(err, DIAGNOSED_FAILURES):
+            return str(err)
+        trainer = self.trainer
+        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+        resume = (
+            f"The last checkpoint is {ckpt} (resume with --ckpt_path {ckpt})"
+            if ckpt and Path(ckpt).is_file()
+            else "No checkpoint had been saved"
+        )
+        return (
+            f"the run failed at step {trainer.global_step} (epoch {trainer.current_epoch}) with "
+            f"{type(err).__name__}: {_one_paragraph(err, 400)}; the traceback above shows where. {resume}"
+        )
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -284,15 +347,23 @@ class MaxdropCLI(LightningCLI):
                     f"checkpoint {ckpt_path!r} cannot be loaded: it is not a valid Lightning checkpoint or is "
                     f"truncated or corrupt ({type(err).__name__}: {_one_paragraph(err, 300)})"
                 ) from err
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()  # reads the checkpoint's hyperparameters
+        except INPUT_ERRORS as err:
+            raise _usage_error(err) from err
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except INPUT_ERRORS as err:  # a class refusing its arguments, a missing data path, ...
+            raise _usage_error(err) from err
 
 
 def _import(path: str) -> Any:
-    module_name, _, name = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise UsageError(f"cannot import {path!r} ({err}); give a full path such as maxdrop.models.ResNet18") from err
+        return import_class_path(path)
+    except ImportError as err:
+        raise UsageError(f"{err}; give a full path such as maxdrop.models.ResNet18") from err
 
 
 def slots_main(argv: Sequence[str]) -> None:
@@ -315,7 +386,10 @@ def slots_main(argv: Sequence[str]) -> None:
     except Exception as err:  # noqa: BLE001 (jsonargparse's ArgumentError)
         raise UsageError(str(err)) from err
     init = {k: v for k, v in cfg.as_dict().items() if k != "__path__"}
-    model = cls(**init)
+    try:
+        model = cls(**init)
+    except INPUT_ERRORS as err:
+        raise _usage_error(err) from err
     args = ", ".join(f"{k}={v!r}" for k, v in init.items())
     print(f"{argv[0]}({args})\n\nslots (fill with `slots: {{<name>: {{class_path: ...}}}}`):")
     width = max(map(len, cls.SLOTS))
@@ -338,15 +412,15 @@ def main(args: Sequence[str] | None = None) -> None:
             raise SystemExit(importlib.import_module(TOOLS[argv[0]]).main(argv[1:]))
         else:
             MaxdropCLI(args=None if args is None else argv)
-    except TrainingDiverged as err:
+    except RunFailed as failed:
+        err = failed.__cause__
+        if not isinstance(err, DIAGNOSED_FAILURES):  # a crash: the traceback is what a developer needs
+            traceback.print_exception(err)
+        _report(str(failed), status=1, hint="")
+    except UsageError as err:  # bad input, found before the run started (RunFailed wraps the rest)
         if os.environ.get("MAXDROP_DEBUG"):
             raise
-        _report(str(err), status=1)
-    except (UsageError, *USER_ERRORS) as err:
-        if os.environ.get("MAXDROP_DEBUG"):
-            raise
-        cause = _root_cause(err)
-        _report(str(cause) if isinstance(cause, (UsageError, ValueError)) else f"{type(cause).__name__}: {cause}")
+        _report(str(err))
 
 
 if __name__ == "__main__":

@@ -28,14 +28,12 @@ PLACED = {
     "maxdrop": "api",
     "maxdrop.__main__": "cli",
     "maxdrop.cli": "cli",
-    "maxdrop.module": "training",
-    "maxdrop.resume_checks": "training",
+    "maxdrop.module": "training",  # re-export: maxdrop.module.ClassificationModule
     "maxdrop.callbacks": "callbacks",
-    "maxdrop.callbacks.divergence": "training",
-    "maxdrop.callbacks.requeue": "training",
-    "maxdrop.callbacks.eval_protocol": "training",
-    # A process-group helper that data and monitoring use as well: utils level wherever it lives.
+    # The process-group helper: data and monitoring tear down the group they may have started, as
+    # training does; utils level (it imports nothing of maxdrop) wherever it lives.
     "maxdrop.distributed": "utils",
+    "maxdrop.training.distributed": "utils",
 }
 
 

@@ -1,13 +1,10 @@
 """Lightning callbacks: sparsity monitoring, drop-mask images, the authors' evaluation protocol, the
 TensorBoard layout and HParams session of a run, the stop at a diverged loss, and SLURM's exact requeue.
 
-The monitoring callbacks live in :mod:`maxdrop.monitoring`; this package re-exports them so that
-every ``maxdrop.callbacks.X`` class path of a config keeps working.
+They live in :mod:`maxdrop.monitoring` (research monitors) and :mod:`maxdrop.training` (run plumbing);
+this package re-exports them so that every ``maxdrop.callbacks.X`` class path of a config keeps working.
 """
 
-from maxdrop.callbacks.divergence import DivergenceGuard, TrainingDiverged
-from maxdrop.callbacks.eval_protocol import MaxDropoutActiveInEval, set_active_in_eval
-from maxdrop.callbacks.requeue import SlurmRequeue
 from maxdrop.models.slots import find_dropout_slots
 from maxdrop.monitoring import (
     SUMMARY_FORMAT,
@@ -17,6 +14,9 @@ from maxdrop.monitoring import (
     SparsityMonitor,
     load_sparsity_summary,
 )
+from maxdrop.training.divergence import DivergenceGuard, TrainingDiverged
+from maxdrop.training.eval_protocol import MaxDropoutActiveInEval, set_active_in_eval
+from maxdrop.training.requeue import SlurmRequeue
 
 __all__ = [
     "SUMMARY_FORMAT",

@@ -3,21 +3,20 @@
 One file per (dataset, source content): ``<cache_dir>/<dataset>-<fingerprint[:24]>.pt``, a ``torch.save``
 of plain tensors and lists (loaded with ``weights_only=True`` and memory-mapped). The fingerprint
 (:meth:`Source.fingerprint`) changes whenever the source can have changed, so a stale cache is never
-found under the new name. Files are written to a unique temporary name in the same folder, flushed to
-disk, then renamed over the final name with ``os.replace`` (atomic on POSIX and Windows): an interrupted
-decode leaves at most a ``*.tmp-*`` file, which is never read.
+found under the new name. Files are written atomically (:func:`maxdrop.utils.atomic.atomic_save`): an
+interrupted decode leaves at most a hidden ``.*.tmp`` file, which is never read.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from maxdrop.data.sources import Decoded, Source, decode_source
+from maxdrop.utils.atomic import atomic_save
 
 __all__ = ["CACHE_VERSION", "cache_path", "default_cache_dir", "load_or_decode"]
 
@@ -39,20 +38,6 @@ def default_cache_dir() -> Path:
 def cache_path(cache_dir: str | os.PathLike, dataset: str, fingerprint: str) -> Path:
     """The cache file for ``dataset`` decoded from a source with this fingerprint."""
     return Path(cache_dir).expanduser() / f"{dataset}-v{CACHE_VERSION}-{fingerprint[:24]}.pt"
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load(path: Path, dataset: str, fingerprint: str) -> Decoded | None:
@@ -99,7 +84,7 @@ def load_or_decode(
     obj = {k: getattr(decoded, k) for k in _FIELDS}
     obj.update(classes=list(decoded.classes), dataset=dataset, fingerprint=fingerprint, source=str(source.path))
     try:
-        _save_atomic(obj, path)
+        atomic_save(obj, path)
     except OSError as e:  # a read-only cache folder must not stop training
         log.warning("could not write the data cache %s (%s); continuing without it", path, e)
         return decoded, None

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from maxdrop.utils.atomic import atomic_write_text
+
 FINISHED = "finished.json"
 
 
@@ -83,9 +85,8 @@ def run_one(config: Path, seed: int, root: Path, extra: list[str], active_in_eva
         if subprocess.run(cmd).returncode != 0:
             print(f"[grid] FAILED: {config} seed {seed} (rerun the same command to retry)", file=sys.stderr)
             return False
-    tmp = run_dir / (FINISHED + ".tmp")
-    tmp.write_text(json.dumps({"config": str(config), "seed": seed, "seconds": time.time() - start}))
-    tmp.replace(run_dir / FINISHED)
+    done = {"config": str(config), "seed": seed, "seconds": time.time() - start}
+    atomic_write_text(run_dir / FINISHED, json.dumps(done))
     return True
 
 

@@ -10,9 +10,12 @@ Ties at ``t`` are kept, so at most ``k`` elements are dropped. ``k = 0`` is the 
 ``k = n`` drops every element. NaN orders as larger than every number (as in ``torch.sort``)
 and is never dropped unless ``k = n``.
 
-Selection. ``sample`` and ``channel``: each block of scope rows (about 1 MB) is copied into a
-buffer and sorted there by NumPy on the CPU (its vectorized sort is 20-50x faster than
-``torch.sort``), ``torch.kthvalue`` elsewhere. ``tensor`` and ``global``: two pivots from a
+Selection. ``sample`` and ``channel`` on the CPU: a row of at least ``_BRACKET_ROW`` elements is
+bracketed like the flat scopes below, row by row with NumPy (two pivots from a sorted 2 K-element
+subsample, one pass counting ``#(x <= lo)``, one marking ``lo < x <= hi``, a partition of the ~6 %
+marked), a miss falling back to sorting that row; shorter rows are copied block by block (about
+1 MB) into a buffer and sorted there by NumPy (its vectorized sort is 20-50x faster than
+``torch.sort``). ``torch.kthvalue`` on other devices. ``tensor`` and ``global``: two pivots from a
 subsample bracket the threshold; one cache-blocked pass counts exactly how many elements lie at or
 below each; ``t`` is picked among the few elements inside the bracket. A bracket that misses (an
 unlucky subsample, heavy ties) is widened, so the result is always exact, only sometimes slower.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -41,6 +45,10 @@ _RUN = 16  # the subsample takes runs of this many consecutive elements
 # is reused from the heap, where a fresh tensor of the input's size would pay a page fault per 4 KB.
 _BLOCK = 1 << 18
 _FLAT_ROW = 1 << 14  # flat scopes are cut into rows of this length for blocking
+# Per-row select (sample / channel scopes on the CPU): rows this long are bracketed, shorter ones sorted.
+_BRACKET_ROW = 1 << 14
+_SUB_ROW = 1 << 11  # per-row subsample size: the bracket holds about 6 sd = 6 % of the row at q = 0.7
+_Z_ROW = 3.0  # pivots, in standard deviations of the subsample rank
 
 
 def _scope_rows(x: Tensor, start_dim: int) -> Tensor:
@@ -133,17 +141,57 @@ def _sorted_copy(v: Tensor) -> Tensor:
 def _row_thresholds(v: Tensor, r: int) -> Tensor:
     """Per-row ``kthvalue(row, r)`` of v (A, B, L) -> (A, B), exactly; 1 <= r <= L.
 
-    On the CPU each block of rows is copied into a cache-sized buffer and sorted there by NumPy;
-    elsewhere ``torch.kthvalue`` is fast enough.
+    On the CPU, rows of at least ``_BRACKET_ROW`` elements are selected one by one with
+    :func:`_bracket_select`; shorter ones are copied block by block into a cache-sized buffer and
+    sorted there by NumPy. Elsewhere ``torch.kthvalue`` is fast enough.
     """
     if not _numpy_sorts(v):
         return v.kthvalue(r, dim=-1).values
     a, b, length = v.shape
-    step = max(1, _BLOCK // max(1, b * length))
     t = torch.empty((a, b), dtype=v.dtype)
+    if length >= _BRACKET_ROW:
+        wide = torch.float64 if v.dtype == torch.float64 else torch.float32
+        dense = v.dtype == wide and v.stride(-1) == 1
+        buf = None if dense else torch.empty(length, dtype=wide)  # rows not dense in a wide dtype
+        le, inside = np.empty(length, dtype=bool), np.empty(length, dtype=bool)
+        for i in range(a):
+            for j in range(b):
+                values = (v[i, j] if buf is None else buf.copy_(v[i, j])).numpy()
+                t[i, j] = float(_bracket_select(values, r, le, inside))  # reads the row: no copy when dense
+        return t
+    step = max(1, _BLOCK // max(1, b * length))
     for i in range(0, a, step):
         t[i : i + step] = _sorted_copy(v[i : i + step])[..., r - 1]
     return t
+
+
+def _bracket_select(row: np.ndarray, r: int, le: np.ndarray, inside: np.ndarray) -> float:
+    """The r-th smallest of a 1-dim float array (NaN last), exactly, without sorting all of it.
+
+    Two pivots from a sorted subsample of runs bracket the rank: one pass counts
+    ``c = #(row <= lo)``, a second marks ``lo < row <= hi``; when ``c < r <= c + #inside`` the
+    answer is the (r - c)-th smallest of the few marked elements (NaN never lies inside).
+    A bracket that misses falls back to sorting the row: always exact, only sometimes slower.
+    ``le`` and ``inside`` are bool scratch arrays of the row's length.
+    """
+    length = row.shape[0]
+    runs = length // _RUN
+    sub = np.sort(row[: runs * _RUN].reshape(runs, _RUN)[:: max(1, runs * _RUN // _SUB_ROW)], axis=None)
+    s, q = sub.shape[0], r / length
+    sd = math.sqrt(max(s * q * (1 - q), 1.0))
+    lo, hi = (sub[min(max(round(q * s - 0.5 + z * sd), 0), s - 1)] for z in (-_Z_ROW, _Z_ROW))
+    lo, hi = (math.inf if math.isnan(p) else p for p in (lo, hi))  # NaN sorts last, like +inf here
+    c = np.count_nonzero(np.less_equal(row, lo, out=le))
+    if c >= r:  # at or below lo: lo itself when enough elements tie there (e.g. a post-ReLU 0)
+        if np.count_nonzero(np.less(row, lo, out=inside)) < r:
+            return lo
+        return np.sort(row)[r - 1]
+    np.less_equal(row, hi, out=inside)
+    cand = row[np.logical_xor(inside, le, out=inside)]  # lo < row <= hi: le implies row <= hi
+    j = r - c - 1
+    if j >= cand.shape[0]:  # above hi (or among the NaNs)
+        return np.sort(row)[r - 1]
+    return np.partition(cand, j)[j]
 
 
 def _flat_rows(x: Tensor) -> list[Tensor]:
@@ -222,9 +270,12 @@ def _mask(x: Tensor, rate: float, scope: str) -> Tensor:
         if k == 0 or k == n or x.numel() == 0:
             return torch.full_like(xd, k == n and n > 0, dtype=torch.bool)
         if start_dim == 0:
-            return xd > _flat_threshold(xd, n - k, n, distributed)
-        t = _row_thresholds(_scope_rows(xd, start_dim), n - k)
-        return xd > t.view(*t.shape[:start_dim], *(1,) * (x.ndim - start_dim))
+            t = _flat_threshold(xd, n - k, n, distributed)
+        else:
+            t = _row_thresholds(_scope_rows(xd, start_dim), n - k)
+            t = t.view(*t.shape[:start_dim], *(1,) * (x.ndim - start_dim))
+    with torch.no_grad():
+        return xd > t  # one large op: every thread, like the layer's output
 
 
 def _rescale(x: Tensor, mask: Tensor, scope: str) -> Tensor:

@@ -109,10 +109,14 @@ class HParamsSession(pl.Callback):
     its own: its scalars are metrics of the enclosing fit's session. Lightning's own hparams summary
     (an experiment per run, which would hide the others' hyperparameters) is turned off; its
     ``hparams.yaml`` is still saved.
+
+    Args:
+        enabled: False turns the callback off (no session; Lightning's own hparams summary stays as it was).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         super().__init__()
+        self.enabled = bool(enabled)
         self.best_val_error: float | None = None
         self._writers: list[Any] = []
 
@@ -121,12 +125,14 @@ class HParamsSession(pl.Callback):
         return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger) and not lg.sub_dir]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.enabled:
+            return
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger._default_hp_metric = False  # no per-run experiment summary (see the class doc)
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or self._writers:
+        if not self.enabled or not trainer.is_global_zero or self._writers:
             return
         loggers = self._session_loggers(trainer)
         if not loggers:
@@ -155,7 +161,7 @@ class HParamsSession(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         error = trainer.callback_metrics.get("val/error")
         fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
-        if not fitting or error is None or not torch.isfinite(error):
+        if not self.enabled or not fitting or error is None or not torch.isfinite(error):
             return
         if self.best_val_error is None or float(error) < self.best_val_error:
             self.best_val_error = float(error)

@@ -22,7 +22,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from maxdrop.distributed import destroy_process_group_at_exit
 from maxdrop.models.slots import find_dropout_slots
 from maxdrop.monitoring.sparsity_counting import (
     EXACT_COUNT,
@@ -40,6 +39,7 @@ from maxdrop.monitoring.sparsity_writing import (
     slot_figures,
     write_histograms,
 )
+from maxdrop.training.distributed import destroy_process_group_at_exit
 
 __all__ = ["SUMMARY_FORMAT", "SparsityMonitor", "find_dropout_slots", "load_sparsity_summary"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from maxdrop.monitoring.sparsity_reduce import DROPPED, NONFINITE, NUMEL_IN, NUMEL_OUT, NZ_IN, NZ_OUT, SEEN
+from maxdrop.utils.atomic import atomic_write_text
 
 __all__ = ["RECORD_FIELDS", "SUMMARY_FORMAT", "SummaryFile", "load_sparsity_summary", "slot_figures"]
 
@@ -142,18 +142,8 @@ class SummaryFile:
             },
             "records": [self.records[k] for k in sorted(self.records, key=key)],
         }
-        path = self.path
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Atomic: readers see the old file or the new one, never a half-written one.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(summary, f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, json.dumps(summary, indent=1) + "\n")
 
 
 def load_sparsity_summary(path: str | os.PathLike) -> dict[str, Any]:

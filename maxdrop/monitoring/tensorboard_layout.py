@@ -76,14 +76,19 @@ def custom_scalars_layout(
 class CustomScalarsLayout(pl.Callback):
     """Writes :func:`custom_scalars_layout` once into each TensorBoard run folder of its own (loggers
     without a ``sub_dir``), with the slots that a :class:`~maxdrop.callbacks.SparsityMonitor` of the
-    same trainer measures; without a monitor or slots, the metric charts only."""
+    same trainer measures; without a monitor or slots, the metric charts only.
 
-    def __init__(self) -> None:
+    Args:
+        enabled: False turns the callback off (no layout is written).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
         super().__init__()
+        self.enabled = bool(enabled)
         self._written: set[str] = set()
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if not self.enabled or not trainer.is_global_zero:
             return
         monitor = next((cb for cb in trainer.callbacks if isinstance(cb, SparsityMonitor)), None)
         slots = (find_dropout_slots(pl_module) or {}) if monitor is not None else {}

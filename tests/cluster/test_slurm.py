@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from maxdrop.callbacks import load_sparsity_summary
-from maxdrop.callbacks.requeue import JobRequeued, SlurmRequeue, hpc_checkpoints
+from maxdrop.training.requeue import JobRequeued, SlurmRequeue, hpc_checkpoints
 from tests.helpers.data import CIFAR10_CLASSES, tiny_run_config, tree_files, write_image_tree
 from tests.helpers.slurm_cluster import SlurmCluster, missing_binaries
 

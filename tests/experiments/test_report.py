@@ -69,7 +69,7 @@ def test_table_groups_seeds_by_config_and_tests_against_the_baseline(tmp_path):
     make_run(tmp_path, "maxdropout", 9, 99.0, slots=MAXDROP, finished=False)
     out = tmp_path / "report"
     text = report([tmp_path], out, baseline="baseline")
-    rows = {r["config"]: r for r in csv.DictReader(open(out / "report.csv"))}
+    rows = {r["config"]: r for r in csv.DictReader((out / "report.csv").read_text().splitlines())}
     assert set(rows) == {"baseline", "maxdropout"}
     assert rows["baseline"]["seeds"] == "3" and rows["maxdropout"]["seeds"] == "3"  # the unfinished run is not in
     assert rows["baseline"]["test error % (mean ± std)"] == "31.00 ± 1.00"
@@ -90,7 +90,7 @@ def test_paired_test_by_seed(tmp_path):
         make_run(tmp_path, "baseline", seed, b)
         make_run(tmp_path, "maxdropout", seed, m, slots=MAXDROP)
     report([tmp_path], tmp_path / "r", baseline="baseline", test="paired")
-    row = list(csv.DictReader(open(tmp_path / "r" / "report.csv")))[1]
+    row = list(csv.DictReader((tmp_path / "r" / "report.csv").read_text().splitlines()))[1]
     # Welch would see no difference in such spread-out seeds; the paired test does.
     assert float(row["p vs baseline (paired t-test by seed), uncorrected"]) < 0.01
 
@@ -98,7 +98,8 @@ def test_paired_test_by_seed(tmp_path):
 def test_best_val_error_is_the_minimum_over_epochs(tmp_path):
     make_run(tmp_path, "a", 0, 10.0, val=[40.0, 20.0, 25.0])
     report([tmp_path], tmp_path / "r")
-    assert list(csv.DictReader(open(tmp_path / "r" / "report.csv")))[0]["best val error %"] == "20.00"
+    row = list(csv.DictReader((tmp_path / "r" / "report.csv").read_text().splitlines()))[0]
+    assert row["best val error %"] == "20.00"
 
 
 def test_empty_folder_is_a_clear_error(tmp_path, capsys):
@@ -138,7 +139,7 @@ def test_seeds_of_one_config_must_not_differ_and_new_default_keys_do_not_count(t
     cfg["model"]["init_args"]["channels_last"] = False  # an argument a newer maxdrop saves at its default
     (newer / "config.yaml").write_text(yaml.safe_dump(cfg))
     report([tmp_path], tmp_path / "r")
-    assert list(csv.DictReader(open(tmp_path / "r" / "report.csv")))[0]["seeds"] == "2"
+    assert list(csv.DictReader((tmp_path / "r" / "report.csv").read_text().splitlines()))[0]["seeds"] == "2"
 
     cfg["trainer"]["max_epochs"] = 9  # a real difference between two seeds of one row
     (newer / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -156,7 +157,7 @@ def test_paired_differences_have_a_t_interval_and_holm_corrects_over_all_rows(tm
         for name, d in deltas.items():
             make_run(tmp_path, name, seed, b + d[seed], slots=MAXDROP)
     text = report([tmp_path], tmp_path / "r", baseline="baseline", test="paired")
-    rows = {r["config"]: r for r in csv.DictReader(open(tmp_path / "r" / "report.csv"))}
+    rows = {r["config"]: r for r in csv.DictReader((tmp_path / "r" / "report.csv").read_text().splitlines())}
     raw = {n: stats.ttest_rel([b + x for b, x in zip(base, d, strict=True)], base) for n, d in deltas.items()}
     ci = raw["a"].confidence_interval(0.95)
     assert rows["a"]["Δ test error vs baseline, points [95 % CI]"] == f"-1.00 [{ci.low:+.2f}, {ci.high:+.2f}]"
@@ -195,7 +196,7 @@ def test_versus_adds_a_reference_per_row_with_its_own_holm_family(tmp_path):
         make_run(tmp_path, "dropout_p01", seed, 29.0 + seed + 0.1 * seed, slots=dropout)
         make_run(tmp_path, "topk_p01", seed, 28.0 + seed - 0.2 * seed, slots=MAXDROP)
     report([tmp_path], tmp_path / "r", baseline="no_dropout", test="paired", versus=["topk_*=dropout_p01"])
-    rows = {r["config"]: r for r in csv.DictReader(open(tmp_path / "r" / "report.csv"))}
+    rows = {r["config"]: r for r in csv.DictReader((tmp_path / "r" / "report.csv").read_text().splitlines())}
     assert rows["topk_p01"]["reference"] == "dropout_p01" and rows["dropout_p01"]["reference"] == "-"
     assert rows["topk_p01"]["Δ test error vs reference, points [95 % CI]"].startswith("-1.30 [")
     assert "p vs reference, Holm–Bonferroni over 1 rows" in rows["topk_p01"]
@@ -212,7 +213,7 @@ def test_calibration_nll_and_train_test_gap_columns(tmp_path):
     make_run(tmp_path, "b", 0, 30.0)  # a run from before these were logged
     out = tmp_path / "r"
     report([tmp_path], out)
-    rows = {r["config"]: r for r in csv.DictReader(open(out / "report.csv"))}
+    rows = {r["config"]: r for r in csv.DictReader((out / "report.csv").read_text().splitlines())}
     a = rows["a"]
     assert (a["test ECE %"], a["test NLL"], a["train acc % (last epoch)"]) == ("11.00", "1.500", "99.00")
     assert a["train–test gap (points)"] == "39.50"  # 99 - (100 - 40.5)
