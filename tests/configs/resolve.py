@@ -4,6 +4,7 @@ The snapshots under resolved/ were printed from the configs as they were before 
 were split into a shared base plus the lines each row changes; test_resolved_configs.py checks that
 every config still resolves to the same full config. Regenerate (only when a config is meant to change):
     python tests/configs/resolve.py --write
+A new config gets its snapshot with ``--add`` (only configs without one).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def resolve(configs: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    if "--write" in sys.argv:
+    if "--write" in sys.argv or "--add" in sys.argv:  # --add: only configs that have no snapshot yet
         SNAPSHOTS.mkdir(exist_ok=True)
         for name, configs in cases().items():
+            if "--add" in sys.argv and (SNAPSHOTS / f"{name}.yaml").exists():
+                continue
             text = resolve(configs)
             assert text.strip(), f"{name}: nothing printed"
             (SNAPSHOTS / f"{name}.yaml").write_text(text)
