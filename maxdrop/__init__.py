@@ -1,46 +1,12 @@
-"""maxdrop: a PyTorch Lightning research framework for MaxDropout and its peers."""
+"""maxdrop: a PyTorch Lightning research framework for MaxDropout and its peers.
 
-from maxdrop.layers import (
-    ADL,
-    SCOPES,
-    DualAttentionDropBlock,
-    MaxDropout,
-    MaxDropoutV2,
-    ProbGuidedMaxout,
-    TopDropBlock,
-    TopKDropout,
-    adl,
-    dual_attention_drop_block,
-    max_dropout,
-    max_dropout_mask,
-    max_dropout_v2,
-    max_dropout_v2_mask,
-    top_drop_block,
-    top_drop_block_mask,
-    top_k_dropout,
-    top_k_dropout_mask,
-)
+The layers and their functional forms are exported at the top level (``maxdrop.MaxDropout``, ...);
+the list is :mod:`maxdrop.layers`' own.
+"""
+
+from maxdrop import layers as _layers
+from maxdrop.layers import *  # noqa: F403  (the layers, as maxdrop.MaxDropout, ...)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ADL",
-    "DualAttentionDropBlock",
-    "SCOPES",
-    "MaxDropout",
-    "MaxDropoutV2",
-    "TopDropBlock",
-    "TopKDropout",
-    "ProbGuidedMaxout",
-    "__version__",
-    "adl",
-    "dual_attention_drop_block",
-    "max_dropout",
-    "max_dropout_mask",
-    "max_dropout_v2",
-    "max_dropout_v2_mask",
-    "top_drop_block",
-    "top_drop_block_mask",
-    "top_k_dropout",
-    "top_k_dropout_mask",
-]
+__all__ = [*_layers.__all__, "__version__"]

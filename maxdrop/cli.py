@@ -3,8 +3,8 @@
     maxdrop fit --config configs/quickstart.yaml --data.data_dir ../shared/data/cifar10-jpeg.tar.gz
     maxdrop test --config configs/quickstart.yaml --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt
     maxdrop slots maxdrop.models.ResNet18
-    maxdrop grid configs/paper/*.yaml --seeds 0 1 2    (maxdrop.grid)
-    maxdrop report lightning_logs/study                 (maxdrop.report)
+    maxdrop grid configs/paper/*.yaml --seeds 0 1 2    (maxdrop.experiments.grid)
+    maxdrop report lightning_logs/study                 (maxdrop.experiments.report)
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands: the model and the data
 are chosen by ``class_path`` (subclass mode), ``data.num_classes`` is linked into
@@ -47,10 +47,10 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from maxdrop.callbacks.drop_masks import DropMaskImages
-from maxdrop.callbacks.hparams import HParamsSession
-from maxdrop.callbacks.tensorboard_layout import CustomScalarsLayout
 from maxdrop.models.slots import SlottedBackbone
+from maxdrop.monitoring.drop_masks import DropMaskImages
+from maxdrop.monitoring.hparams import HParamsSession
+from maxdrop.monitoring.tensorboard_layout import CustomScalarsLayout
 from maxdrop.training.checkpoints import AtomicCheckpointIO, CheckpointWriteError, LastAndBestCheckpoint
 from maxdrop.training.divergence import DivergenceGuard, TrainingDiverged
 from maxdrop.training.module import ClassificationModule
@@ -68,7 +68,7 @@ DESCRIPTION = (
     "`maxdrop report` tabulates and plots the runs (each has --help)."
 )
 #: Commands that are not LightningCLI subcommands: name -> module whose main(argv) -> exit status runs it.
-TOOLS = {"grid": "maxdrop.grid", "report": "maxdrop.report", "tune": "maxdrop.experiments.tune"}
+TOOLS = {"grid": "maxdrop.experiments.grid", "report": "maxdrop.experiments.report", "tune": "maxdrop.experiments.tune"}
 #: The errors that bad input raises before the run starts (from our classes, Lightning, jsonargparse and the
 #: OS): reported as one paragraph. Once the run has started nothing is treated as input (see RunFailed).
 INPUT_ERRORS = (ValueError, TypeError, KeyError, ImportError, OSError, MisconfigurationException)

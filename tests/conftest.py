@@ -7,6 +7,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, with the reason, where no CUDA device is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu); torch.cuda.is_available() is False here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def cifar10_jpeg() -> Path:
     """The real CIFAR-10 as a JPEG image-folder tarball, beside the project (always there in CI)."""
@@ -20,7 +32,7 @@ def cifar10_jpeg() -> Path:
 @pytest.fixture(scope="session")
 def tiny_tree(tmp_path_factory) -> Path:
     """A CIFAR-10 image-folder tree with 4 train and 2 test PNGs per class (image ids in the first pixels)."""
-    from data_helpers import CIFAR10_CLASSES, tree_files, write_image_tree
+    from tests.helpers.data import CIFAR10_CLASSES, tree_files, write_image_tree
 
     root = tmp_path_factory.mktemp("tiny") / "cifar10"
     return write_image_tree(root, tree_files(CIFAR10_CLASSES, {"train": 4, "test": 2}))

@@ -1,12 +1,19 @@
 """Lightning callbacks: sparsity monitoring, drop-mask images, the authors' evaluation protocol, the
-TensorBoard layout and HParams session of a run, the stop at a diverged loss, and SLURM's exact requeue
-(the evaluation protocol, the divergence stop and the requeue live in :mod:`maxdrop.training`; configs
-name them all ``maxdrop.callbacks.<Name>``)."""
+TensorBoard layout and HParams session of a run, the stop at a diverged loss, and SLURM's exact requeue.
 
-from maxdrop.callbacks.drop_masks import DropMaskImages
-from maxdrop.callbacks.hparams import HParamsSession
-from maxdrop.callbacks.sparsity import SUMMARY_FORMAT, SparsityMonitor, find_dropout_slots, load_sparsity_summary
-from maxdrop.callbacks.tensorboard_layout import CustomScalarsLayout
+They live in :mod:`maxdrop.monitoring` (research monitors) and :mod:`maxdrop.training` (run plumbing);
+this package re-exports them so that every ``maxdrop.callbacks.X`` class path of a config keeps working.
+"""
+
+from maxdrop.models.slots import find_dropout_slots
+from maxdrop.monitoring import (
+    SUMMARY_FORMAT,
+    CustomScalarsLayout,
+    DropMaskImages,
+    HParamsSession,
+    SparsityMonitor,
+    load_sparsity_summary,
+)
 from maxdrop.training.divergence import DivergenceGuard, TrainingDiverged
 from maxdrop.training.eval_protocol import MaxDropoutActiveInEval, set_active_in_eval
 from maxdrop.training.requeue import SlurmRequeue

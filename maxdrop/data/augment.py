@@ -13,14 +13,15 @@ and flip and one masked fill per erasing kind: no per-image Python work.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from maxdrop.utils.threads import one_cpu_thread
 
 __all__ = ["AugmentConfig", "Cutout", "apply_batch", "image_transform", "one_cpu_thread", "sample_params"]
 
@@ -100,9 +101,6 @@ class AugmentConfig:
         if unknown:
             raise ValueError(f"unknown augment key(s) {unknown}; allowed: {', '.join(known)}")
         return cls(**augment)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _is_real(v: object) -> bool:
@@ -225,26 +223,6 @@ def apply_batch(
         raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
     with one_cpu_thread(images.device.type == "cpu"):
         return _apply(images, params or {}, cfg, mean, std)
-
-
-@contextmanager
-def one_cpu_thread(enabled: bool = True) -> Iterator[None]:
-    """Run a batch's CPU work (gather, parameter sampling, augmentation) on one intra-op thread.
-
-    The ops are small (at most 0.8 M elements): extra threads gain little, and when the cores are shared
-    (other processes, DataLoader workers) OpenMP's fork-join costs up to a scheduler quantum (~8 ms) per op,
-    which made a batch 10-20x slower than on one thread. Never spans a ``yield``: the training step keeps
-    all threads.
-    """
-    n = torch.get_num_threads()
-    if not enabled or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _apply(images: Tensor, params: Mapping[str, Tensor], cfg: AugmentConfig, mean: Tensor, std: Tensor) -> Tensor:

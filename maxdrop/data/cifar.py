@@ -137,10 +137,19 @@ class CIFARDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ trainer helpers
 
+    # Read by the TensorLoaders this datamodule builds (their LoaderHost): the trainer's epoch, rank and
+    # world size, the device of the splits.
+
     def _trainer_or_none(self) -> pl.Trainer | None:
         return self.trainer if getattr(self, "trainer", None) is not None else None
 
-    def _rank_world(self) -> tuple[int, int]:
+    def trainer_epoch(self) -> int | None:
+        """The trainer's current epoch, or None without a trainer (a :class:`~maxdrop.data.loaders.LoaderHost`)."""
+        t = self._trainer_or_none()
+        return int(t.current_epoch) if t is not None else None
+
+    def rank_world(self) -> tuple[int, int]:
+        """(global rank, world size) of this process: (0, 1) without a trainer."""
         t = self._trainer_or_none()
         return (int(t.global_rank), int(t.world_size)) if t is not None else (0, 1)
 
@@ -148,7 +157,7 @@ class CIFARDataModule(pl.LightningDataModule):
         """The training batch of one process: ``global_batch_size / world_size`` when set, else ``batch_size``."""
         if self.global_batch_size is None:
             return self.batch_size
-        world = self._rank_world()[1]
+        world = self.rank_world()[1]
         if self.global_batch_size % world:
             raise ValueError(
                 f"global_batch_size={self.global_batch_size} does not divide over the world size {world} "
@@ -156,7 +165,7 @@ class CIFARDataModule(pl.LightningDataModule):
             )
         return self.global_batch_size // world
 
-    def _on_device(self, t: Tensor) -> Tensor:
+    def on_device(self, t: Tensor) -> Tensor:
         """``t`` on the trainer's accelerator when ``data_on_device`` (copied once), else ``t``."""
         trainer = self._trainer_or_none()
         if not self.data_on_device or trainer is None:
@@ -243,7 +252,7 @@ class CIFARDataModule(pl.LightningDataModule):
         if self.loader == "tensor":
             return TensorLoader(self, images, labels, bs, shuffle=train, drop_last=train and self.drop_last)
         ds = UInt8Images(images, labels, image_transform(self.augment, self.mean.tolist(), self.std.tolist(), train))
-        rank, world = self._rank_world()
+        rank, world = self.rank_world()
         sampler = EvalShardSampler(ds, world, rank) if not train and world > 1 else None
         return DataLoader(
             ds,

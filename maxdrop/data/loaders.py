@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
-from maxdrop.data.augment import one_cpu_thread, sample_params
+from maxdrop.data.augment import sample_params
+from maxdrop.utils.threads import one_cpu_thread
 
-if TYPE_CHECKING:  # the datamodule builds the loaders; no import cycle at run time
-    from maxdrop.data.cifar import CIFARDataModule
+if TYPE_CHECKING:
+    from maxdrop.data.augment import AugmentConfig
 
-__all__ = ["EvalShardSampler", "RawBatch", "TensorLoader", "UInt8Images", "derive_seed"]
+__all__ = ["EvalShardSampler", "LoaderHost", "RawBatch", "TensorLoader", "UInt8Images", "derive_seed"]
 
 # Streams of the (seed, epoch, rank, ...) seed derivation; fixed forever so that runs stay reproducible.
 SHUFFLE_STREAM, AUGMENT_STREAM, SUBSET_STREAM = 1, 2, 3
@@ -44,6 +45,24 @@ class RawBatch(NamedTuple):
     params: dict[str, Tensor] | None
 
 
+class LoaderHost(Protocol):
+    """What a :class:`TensorLoader` reads from its owner (the :class:`~maxdrop.data.CIFARDataModule`) each
+    time it iterates: settings, and the trainer's state, which is not known when the loader is built."""
+
+    seed: int
+    augment: AugmentConfig
+    pin_memory: bool
+
+    def trainer_epoch(self) -> int | None:
+        """The trainer's current epoch, None without a trainer."""
+
+    def rank_world(self) -> tuple[int, int]:
+        """(global rank, world size)."""
+
+    def on_device(self, t: Tensor) -> Tensor:
+        """``t`` where the batches are gathered (the accelerator when the data lives there)."""
+
+
 class TensorLoader:
     """Batches of a split held as one uint8 tensor, sharded over DDP ranks by the loader itself.
 
@@ -64,7 +83,7 @@ class TensorLoader:
 
     def __init__(
         self,
-        datamodule: CIFARDataModule,
+        datamodule: LoaderHost,
         images: Tensor,
         labels: Tensor,
         batch_size: int,
@@ -87,9 +106,9 @@ class TensorLoader:
         self._epoch = int(epoch)
 
     def _current_epoch(self) -> int:
-        trainer = self.dm._trainer_or_none()
-        if trainer is not None:
-            return int(trainer.current_epoch)
+        epoch = self.dm.trainer_epoch()
+        if epoch is not None:
+            return epoch
         return self._epoch if self._epoch is not None else self._iterations
 
     def state_dict(self) -> dict[str, int]:
@@ -126,7 +145,7 @@ class TensorLoader:
         return batches
 
     def __len__(self) -> int:
-        rank, world = self.dm._rank_world()
+        rank, world = self.dm.rank_world()
         return len(self._indices(0, rank, world)) if not self.shuffle else self._train_len(world)
 
     def _train_len(self, world: int) -> int:
@@ -136,8 +155,8 @@ class TensorLoader:
     def __iter__(self) -> Iterator[RawBatch]:
         epoch = self._current_epoch()
         self._iterations += 1
-        rank, world = self.dm._rank_world()
-        images, labels = self.dm._on_device(self.images), self.dm._on_device(self.labels)
+        rank, world = self.dm.rank_world()
+        images, labels = self.dm.on_device(self.images), self.dm.on_device(self.labels)
         pin = self.dm.pin_memory and images.device.type == "cpu" and torch.cuda.is_available()
         skip = self._skip[1] if self._skip[0] == epoch else 0
         self._skip = (-1, 0)

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 from maxdrop.experiments.claims import STALE_AFTER_SECONDS, claim_path, is_stale, try_claim
+from maxdrop.experiments.grid import _logger, job_resources
 from maxdrop.experiments.progress import Progress
 from maxdrop.experiments.tune_pruning import OBJECTIVE, make_pruner, open_storage
 from maxdrop.experiments.tune_space import Space, load_space
-from maxdrop.grid import _logger, job_resources
 
 CALLBACK = "maxdrop.experiments.tune_pruning.OptunaPruning"
 

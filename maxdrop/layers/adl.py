@@ -46,8 +46,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from maxdrop.layers.max_dropout import _check_fraction, _DropStats
-from maxdrop.layers.top_k_dropout import _zero
+from maxdrop.layers.base import DropStats, check_fraction, zero_where
 
 __all__ = ["ADL", "adl", "adl_drop_mask", "adl_importance_map", "adl_uses_drop_mask"]
 
@@ -81,7 +80,7 @@ def adl_drop_mask(x: Tensor, drop_threshold: float = 0.8) -> Tensor:
         drop_threshold: in [0, 1]; positions whose channel mean is >= ``drop_threshold`` times the
             sample's maximum channel mean are dropped.
     """
-    drop_threshold = _check_fraction(drop_threshold, "drop_threshold")
+    drop_threshold = check_fraction(drop_threshold, "drop_threshold")
     _check_input(x)
     return _dropped_positions(_attention(x), drop_threshold)
 
@@ -98,7 +97,7 @@ def adl_uses_drop_mask(drop_rate: float, generator: torch.Generator | None = Non
     Draws one float32 number ``u`` from the CPU generator (``generator`` or the default one) and
     returns ``floor(u + drop_rate) >= 1`` computed in float32, as the official layer does.
     """
-    drop_rate = _check_fraction(drop_rate, "drop_rate")
+    drop_rate = check_fraction(drop_rate, "drop_rate")
     return _draw(drop_rate, generator)
 
 
@@ -138,7 +137,7 @@ def _apply(x: Tensor, drop_threshold: float, use_drop: bool) -> tuple[Tensor, Te
     """(output, dropped positions or None in the importance branch) for a validated 4-dim ``x``."""
     if use_drop:
         dropped = _dropped_positions(_attention(x), drop_threshold)
-        return _zero(x, dropped), dropped
+        return zero_where(x, dropped), dropped
     return _importance_product(x), None
 
 
@@ -162,15 +161,15 @@ def adl(
         Tensor of the same shape and dtype as ``x``: ``x`` with the most attended positions zeroed
         in every channel, or ``x * sigmoid(channel mean)``. Not rescaled.
     """
-    drop_rate = _check_fraction(drop_rate, "drop_rate")
-    drop_threshold = _check_fraction(drop_threshold, "drop_threshold")
+    drop_rate = check_fraction(drop_rate, "drop_rate")
+    drop_threshold = check_fraction(drop_threshold, "drop_threshold")
     _check_input(x)
     if not training:
         return x
     return _apply(x, drop_threshold, _draw(drop_rate, generator))[0]
 
 
-class ADL(_DropStats):
+class ADL(DropStats):
     """Attention-based Dropout Layer (Choe and Shim, CVPR 2019) for (N, C, H, W) feature maps.
 
     Each training forward draws one number: with probability ``drop_rate`` the positions whose
@@ -201,8 +200,8 @@ class ADL(_DropStats):
         track_stats: bool = True,
     ) -> None:
         super().__init__()
-        self.drop_rate = _check_fraction(drop_rate, "drop_rate")
-        self.drop_threshold = _check_fraction(drop_threshold, "drop_threshold")
+        self.drop_rate = check_fraction(drop_rate, "drop_rate")
+        self.drop_threshold = check_fraction(drop_threshold, "drop_threshold")
         self.active_in_eval = bool(active_in_eval)
         self.track_stats = bool(track_stats)
         self.last_used_drop_mask: bool | None = None

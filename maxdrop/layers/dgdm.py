@@ -56,8 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maxdrop.layers.adl import _attention, _check_input, _draw, _dropped_positions, _importance_product
-from maxdrop.layers.max_dropout import _check_fraction, _DropStats
-from maxdrop.layers.top_k_dropout import _zero
+from maxdrop.layers.base import DropStats, check_fraction, zero_where
 
 __all__ = ["DualAttentionDropBlock", "cagd_channel_mask", "dual_attention_drop_block", "sagd_block_mask"]
 
@@ -107,8 +106,8 @@ def cagd_channel_mask(
         uniforms: (N, C) numbers in [0, 1), one per (sample, channel); None draws them from the CPU
             default generator.
     """
-    top_k_ratio = _check_fraction(top_k_ratio, "top_k_ratio")
-    channel_drop_rate = _check_fraction(channel_drop_rate, "channel_drop_rate")
+    top_k_ratio = check_fraction(top_k_ratio, "top_k_ratio")
+    channel_drop_rate = check_fraction(channel_drop_rate, "channel_drop_rate")
     _check_input(x, _NAME)
     if uniforms is None:
         uniforms = torch.rand(x.shape[:2])
@@ -119,7 +118,7 @@ def cagd_channel_mask(
 
 def sagd_block_mask(x: Tensor, drop_threshold: float = 0.8, block_size: int = 3) -> Tensor:
     """SAGD's block mask, bool (N, 1, H, W): True = position erased in every channel (drop branch)."""
-    drop_threshold = _check_fraction(drop_threshold, "drop_threshold")
+    drop_threshold = check_fraction(drop_threshold, "drop_threshold")
     block_size = _check_block_size(block_size)
     _check_input(x, _NAME)
     return _block_mask(_attention(x), drop_threshold, block_size)
@@ -133,7 +132,7 @@ def _apply(
     channels = _channel_mask(x, top_k_ratio, channel_drop_rate, uniforms)
     if use_drop:
         blocks = _block_mask(_attention(x), drop_threshold, block_size)
-        return _zero(x, channels | blocks), channels, blocks
+        return zero_where(x, channels | blocks), channels, blocks
     # in place: the product is a fresh tensor that its backward does not read
     return _importance_product(x).masked_fill_(channels, 0), channels, None
 
@@ -179,15 +178,15 @@ def _check_args(
     top_k_ratio: object, channel_drop_rate: object, drop_rate: object, drop_threshold: object, block_size: object
 ) -> tuple[float, float, float, float, int]:
     return (
-        _check_fraction(top_k_ratio, "top_k_ratio"),
-        _check_fraction(channel_drop_rate, "channel_drop_rate"),
-        _check_fraction(drop_rate, "drop_rate"),
-        _check_fraction(drop_threshold, "drop_threshold"),
+        check_fraction(top_k_ratio, "top_k_ratio"),
+        check_fraction(channel_drop_rate, "channel_drop_rate"),
+        check_fraction(drop_rate, "drop_rate"),
+        check_fraction(drop_threshold, "drop_threshold"),
         _check_block_size(block_size),
     )
 
 
-class DualAttentionDropBlock(_DropStats):
+class DualAttentionDropBlock(DropStats):
     """DGDM (Yin et al., ICPR 2020): channel-attention guided dropout + spatial-attention guided dropblock.
 
     Args:

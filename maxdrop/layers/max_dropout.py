@@ -19,11 +19,11 @@ Non-finite input: if a scope contains NaN or +/-inf, nothing in that scope is dr
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
+
+from maxdrop.layers.base import SCOPES, MaskDropLayer, check_fraction, check_scope
 
 __all__ = [
     "SCOPES",
@@ -34,41 +34,6 @@ __all__ = [
     "max_dropout_v2",
     "max_dropout_v2_mask",
 ]
-
-#: Over which elements the min and max are taken.
-#: ``tensor``: the whole tensor (the authors' code; depends on the rest of the batch).
-#: ``sample``: each sample on its own (independent of the batch and of the DDP split).
-#: ``channel``: each (sample, channel) pair, for (N, C, ...) inputs.
-#: ``global``: the whole tensor on every DDP rank (min/max all-reduced), so that
-#: N ranks drop exactly what one process would drop on the concatenated batch.
-SCOPES = ("tensor", "sample", "channel", "global")
-_MIN_NDIM = {"tensor": 1, "sample": 2, "channel": 3, "global": 1}
-
-
-def _check_fraction(value: object, name: str) -> float:
-    """``value`` as a float in [0, 1], else a ValueError naming ``name`` (p, rate, h_ratio) and the value."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number in [0, 1], got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return value
-
-
-def _check_p(p: object) -> float:
-    return _check_fraction(p, "p")
-
-
-def _check_scope(scope: object, ndim: int | None = None) -> str:
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; allowed: {', '.join(map(repr, SCOPES))}")
-    if ndim is not None and ndim < _MIN_NDIM[scope]:
-        shapes = {1: "(N, ...)", 2: "(N, F) or (N, C, ...)", 3: "(N, C, L), (N, C, H, W), ..."}
-        raise ValueError(
-            f"scope {scope!r} needs an input with at least {_MIN_NDIM[scope]} dims "
-            f"{shapes[_MIN_NDIM[scope]]}, got a {ndim}-dim input"
-        )
-    return scope
 
 
 def _minmax(x: Tensor, start_dim: int) -> tuple[Tensor, Tensor]:
@@ -152,8 +117,8 @@ def max_dropout_mask(x: Tensor, p: float = 0.3, scope: str = "tensor") -> Tensor
     Returns:
         Tensor of shape ``x.shape`` and dtype ``torch.bool``.
     """
-    p = _check_p(p)
-    _check_scope(scope, x.ndim)
+    p = check_fraction(p, "p")
+    check_scope(scope, x.ndim)
     return _mask(x, p, scope)
 
 
@@ -185,8 +150,8 @@ def max_dropout(x: Tensor, p: float = 0.3, scope: str = "tensor", training: bool
         Tensor of the same shape and dtype as ``x``. Kept elements are not rescaled;
         the gradient is zero on dropped elements and passes unchanged elsewhere.
     """
-    p = _check_p(p)
-    _check_scope(scope, x.ndim)
+    p = check_fraction(p, "p")
+    check_scope(scope, x.ndim)
     if not training or p == 0.0:
         return x
     return x.masked_fill(_mask(x, p, scope), 0)
@@ -199,7 +164,7 @@ def _check_v2_input(x: Tensor) -> None:
 
 def max_dropout_v2_mask(x: Tensor, p: float = 0.3) -> Tensor:
     """Mask of MaxDropoutV2 of shape (N, 1, H, W) (True = spatial position dropped)."""
-    p = _check_p(p)
+    p = check_fraction(p, "p")
     _check_v2_input(x)
     return _v2_mask(x, p)
 
@@ -221,45 +186,14 @@ def max_dropout_v2(x: Tensor, p: float = 0.3, training: bool = True) -> Tensor:
     min-max normalized per sample; the spatial positions whose normalized value is > 1 - p
     are zeroed in every channel. Like MaxDropout, kept values are not rescaled.
     """
-    p = _check_p(p)
+    p = check_fraction(p, "p")
     _check_v2_input(x)
     if not training or p == 0.0:
         return x
     return x.masked_fill(_v2_mask(x, p), 0)
 
 
-class _DropStats(nn.Module):
-    """Drop counters shared by the maxdrop layers.
-
-    After each training forward: ``last_dropped`` (a new 0-dim int64 tensor on the input's
-    device, so reading it needs no host-device sync until you call ``.item()``) and ``last_seen``
-    (a Python int, fixed for a given input shape). ``dropped_total`` / ``seen_total`` (0-dim
-    int64 tensors, None before the first training forward) add up since :meth:`reset_drop_stats`.
-    Growing totals are tensors, not Python ints, so that a ``torch.compile``d layer is not
-    recompiled on every call. The counters are plain attributes, not buffers, so DDP never
-    broadcasts rank 0's values over the other ranks' counts.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reset_drop_stats()
-
-    def reset_drop_stats(self) -> None:
-        self.last_dropped: Tensor | None = None
-        self.last_seen = 0
-        self.dropped_total: Tensor | None = None
-        self.seen_total: Tensor | None = None
-
-    def _record(self, dropped: Tensor, seen: int) -> None:
-        self.last_dropped = dropped
-        self.last_seen = seen
-        if self.dropped_total is None:
-            self.dropped_total, self.seen_total = dropped, torch.full_like(dropped, seen)
-        else:
-            self.dropped_total, self.seen_total = self.dropped_total + dropped, self.seen_total + seen
-
-
-class MaxDropout(_DropStats):
+class MaxDropout(MaskDropLayer):
     """Drops the most active units (Santos et al., 2020).
 
     In training, the input is min-max normalized over ``scope`` and every element whose
@@ -273,7 +207,7 @@ class MaxDropout(_DropStats):
         active_in_eval: keep dropping in eval mode. The authors build a fresh MaxDropout
             inside ``forward()``, so ``model.eval()`` never switched it off and the paper's
             test errors were measured with it active; set this to reproduce that protocol.
-        track_stats: record drop counts (see :class:`_DropStats`); costs one reduction of
+        track_stats: record drop counts (see :class:`~maxdrop.layers.base.DropStats`); costs one reduction of
             the boolean mask per forward.
 
     Shape:
@@ -287,27 +221,19 @@ class MaxDropout(_DropStats):
         active_in_eval: bool = False,
         track_stats: bool = True,
     ) -> None:
-        super().__init__()
-        self.p = _check_p(p)
-        self.scope = _check_scope(scope)
-        self.active_in_eval = bool(active_in_eval)
-        self.track_stats = bool(track_stats)
+        super().__init__(active_in_eval, track_stats)
+        self.p = check_fraction(p, "p")
+        self.scope = check_scope(scope)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training or self.active_in_eval) or self.p == 0.0:
-            return x
-        _check_scope(self.scope, x.ndim)
-        mask = _mask(x, self.p, self.scope)
-        if self.training and self.track_stats:
-            self._record(torch.count_nonzero(mask), mask.numel())
-        return x.masked_fill(mask, 0)
+    def drop_mask(self, x: Tensor) -> Tensor:
+        check_scope(self.scope, x.ndim)
+        return _mask(x, self.p, self.scope)
 
     def extra_repr(self) -> str:
-        s = f"p={self.p}, scope={self.scope!r}"
-        return s + (", active_in_eval=True" if self.active_in_eval else "")
+        return f"p={self.p}, scope={self.scope!r}" + self._eval_repr()
 
 
-class MaxDropoutV2(_DropStats):
+class MaxDropoutV2(MaskDropLayer):
     """MaxDropoutV2 (Santos et al., arXiv:2203.02740) for (N, C, H, W) feature maps.
 
     Implemented: the input is summed over the channel axis into one (N, 1, H, W) map;
@@ -324,19 +250,13 @@ class MaxDropoutV2(_DropStats):
     """
 
     def __init__(self, p: float = 0.3, active_in_eval: bool = False, track_stats: bool = True) -> None:
-        super().__init__()
-        self.p = _check_p(p)
-        self.active_in_eval = bool(active_in_eval)
-        self.track_stats = bool(track_stats)
+        super().__init__(active_in_eval, track_stats)
+        self.p = check_fraction(p, "p")
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training or self.active_in_eval) or self.p == 0.0:
-            return x
+    def drop_mask(self, x: Tensor) -> Tensor:
+        """(N, 1, H, W): one spatial mask per sample, shared by the channels."""
         _check_v2_input(x)
-        mask = _v2_mask(x, self.p)
-        if self.training and self.track_stats:
-            self._record(torch.count_nonzero(mask) * x.shape[1], x.numel())
-        return x.masked_fill(mask, 0)
+        return _v2_mask(x, self.p)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}" + (", active_in_eval=True" if self.active_in_eval else "")
+        return f"p={self.p}" + self._eval_repr()

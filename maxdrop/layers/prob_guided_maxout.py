@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from maxdrop.layers.max_dropout import _DropStats
+from maxdrop.layers.base import DropStats
 
 __all__ = ["ProbGuidedMaxout", "prob_guided_keep_fraction", "prob_guided_maxout", "prob_guided_maxout_mask"]
 
@@ -129,7 +129,7 @@ def prob_guided_maxout(
     return _apply(x, _keep_mask(x, keep_fraction), keep_fraction, scale)
 
 
-class ProbGuidedMaxout(_DropStats):
+class ProbGuidedMaxout(DropStats):
     """Probability Guided Maxout (Ferrari et al., ICPR 2020) for a backbone's ``head`` slot.
 
     Drops, per sample, the ``D - round(D (1 - q/2))`` most active units of the (N, D) descriptor,
@@ -148,7 +148,7 @@ class ProbGuidedMaxout(_DropStats):
             so applying it to test predictions would leak the label into them. When on, an eval
             forward needs ``targets`` too (the ClassificationModule passes none outside training).
         track_stats: record drop counts (``last_dropped``, ``dropped_total``, ...; see
-            :class:`maxdrop.layers.max_dropout._DropStats`), which ``SparsityMonitor`` reads.
+            :class:`maxdrop.layers.base.DropStats`), which ``SparsityMonitor`` reads.
 
     Attributes:
         scale: learnable 0-dim parameter, initialised to 1.
@@ -164,15 +164,13 @@ class ProbGuidedMaxout(_DropStats):
     needs_targets = True
 
     def __init__(self, active_in_eval: bool = False, track_stats: bool = True) -> None:
-        super().__init__()
-        self.active_in_eval = bool(active_in_eval)
-        self.track_stats = bool(track_stats)
+        super().__init__(active_in_eval, track_stats)
         self.scale = nn.Parameter(torch.ones(()))
 
     def forward(
         self, x: Tensor, targets: Tensor | None = None, classifier: Callable[[Tensor], Tensor] | None = None
     ) -> Tensor:
-        if not (self.training or self.active_in_eval):
+        if not self._drops():
             return x
         if targets is None or classifier is None:
             raise ValueError(

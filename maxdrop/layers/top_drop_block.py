@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from maxdrop.layers.max_dropout import _check_fraction, _DropStats
-from maxdrop.layers.top_k_dropout import _one_cpu_thread, _zero
+from maxdrop.layers.base import MaskDropLayer, check_fraction, zero_where
+from maxdrop.utils.threads import one_cpu_thread
 
 __all__ = ["TopDropBlock", "top_drop_block", "top_drop_block_mask"]
 
@@ -39,7 +39,7 @@ def _row_scores(x: Tensor) -> Tensor:
 
     The squares are added channel after channel (0, 1, ..., C - 1), so the scores do not depend
     on the memory layout; on contiguous maps this is several times faster than a reduction over
-    dim 1. One op per channel: on the CPU they run on one thread (see ``_one_cpu_thread``).
+    dim 1. One op per channel: on the CPU they run on one thread (see ``one_cpu_thread``).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     act = x[:, 0].to(dtype).square()
@@ -57,7 +57,7 @@ def _mask(x: Tensor, h_ratio: float) -> Tensor:
     mask = torch.zeros((n, 1, h, 1), dtype=torch.bool, device=x.device)
     if rh == 0 or x.numel() == 0:
         return mask
-    with torch.no_grad(), _one_cpu_thread(x.device.type == "cpu"):
+    with torch.no_grad(), one_cpu_thread(x.device.type == "cpu"):
         order = torch.argsort(_row_scores(x.detach()), dim=1, stable=True)
         mask[:, 0, :, 0].scatter_(1, order[:, h - rh :], True)
     return mask
@@ -65,7 +65,7 @@ def _mask(x: Tensor, h_ratio: float) -> Tensor:
 
 def top_drop_block_mask(x: Tensor, h_ratio: float = 0.33) -> Tensor:
     """Mask of the rows Top DropBlock drops, shape (N, 1, H, 1) (True = row dropped)."""
-    h_ratio = _check_fraction(h_ratio, "h_ratio")
+    h_ratio = check_fraction(h_ratio, "h_ratio")
     _check_input(x)
     return _mask(x, h_ratio)
 
@@ -82,14 +82,14 @@ def top_drop_block(x: Tensor, h_ratio: float = 0.33, training: bool = True) -> T
         Tensor of the same shape and dtype as ``x``; not rescaled. The gradient is zero on the
         dropped rows and passes unchanged elsewhere.
     """
-    h_ratio = _check_fraction(h_ratio, "h_ratio")
+    h_ratio = check_fraction(h_ratio, "h_ratio")
     _check_input(x)
     if not training or h_ratio == 0.0:
         return x
-    return _zero(x, _mask(x, h_ratio))
+    return zero_where(x, _mask(x, h_ratio))
 
 
-class TopDropBlock(_DropStats):
+class TopDropBlock(MaskDropLayer):
     """Drops the most active horizontal rows of each sample's feature map (Top-DB-Net).
 
     Args:
@@ -101,20 +101,19 @@ class TopDropBlock(_DropStats):
         Input (N, C, H, W); output: same shape.
     """
 
-    def __init__(self, h_ratio: float = 0.33, active_in_eval: bool = False, track_stats: bool = True) -> None:
-        super().__init__()
-        self.h_ratio = _check_fraction(h_ratio, "h_ratio")
-        self.active_in_eval = bool(active_in_eval)
-        self.track_stats = bool(track_stats)
+    fraction_name = "h_ratio"
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training or self.active_in_eval) or self.h_ratio == 0.0:
-            return x
+    def __init__(self, h_ratio: float = 0.33, active_in_eval: bool = False, track_stats: bool = True) -> None:
+        super().__init__(active_in_eval, track_stats)
+        self.h_ratio = check_fraction(h_ratio, "h_ratio")
+
+    def drop_mask(self, x: Tensor) -> Tensor:
+        """(N, 1, H, 1): the dropped rows, over the full width, in every channel."""
         _check_input(x)
-        mask = _mask(x, self.h_ratio)
-        if self.training and self.track_stats:
-            self._record(torch.count_nonzero(mask) * (x.shape[1] * x.shape[3]), x.numel())
-        return _zero(x, mask)  # unlike the authors' x * mask, NaN and inf are zeroed too
+        return _mask(x, self.h_ratio)
+
+    def apply_mask(self, x: Tensor, mask: Tensor) -> Tensor:
+        return zero_where(x, mask)  # unlike the authors' x * mask, NaN and inf are zeroed too
 
     def extra_repr(self) -> str:
-        return f"h_ratio={self.h_ratio}" + (", active_in_eval=True" if self.active_in_eval else "")
+        return f"h_ratio={self.h_ratio}" + self._eval_repr()

@@ -26,15 +26,14 @@ rank uses the threshold one process would compute on the concatenated batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from maxdrop.layers.max_dropout import _check_fraction, _check_scope, _DropStats
+from maxdrop.layers.base import MaskDropLayer, check_fraction, check_scope, zero_where
+from maxdrop.utils.threads import one_cpu_thread as _one_cpu_thread  # the name _mask uses
 
 __all__ = ["TopKDropout", "top_k_dropout", "top_k_dropout_mask"]
 
@@ -50,25 +49,6 @@ _FLAT_ROW = 1 << 14  # flat scopes are cut into rows of this length for blocking
 _BRACKET_ROW = 1 << 14
 _SUB_ROW = 1 << 11  # per-row subsample size: the bracket holds about 6 sd = 6 % of the row at q = 0.7
 _Z_ROW = 3.0  # pivots, in standard deviations of the subsample rank
-
-
-@contextmanager
-def _one_cpu_thread(enabled: bool) -> Iterator[None]:
-    """Run the selection's many mid-sized CPU ops on one intra-op thread.
-
-    On shared cores OpenMP's fork-join can cost up to a scheduler quantum per op (see
-    ``maxdrop.data.augment.one_cpu_thread``); the selection issues dozens of ops, the layer's
-    output and backward (a few large ops) keep every thread.
-    """
-    threads = torch.get_num_threads()
-    single = enabled and threads > 1
-    if single:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if single:
-            torch.set_num_threads(threads)
 
 
 def _scope_rows(x: Tensor, start_dim: int) -> Tensor:
@@ -298,11 +278,6 @@ def _mask(x: Tensor, rate: float, scope: str) -> Tensor:
         return xd > t  # one large op: every thread, like the layer's output
 
 
-def _zero(x: Tensor, mask: Tensor) -> Tensor:
-    # One pass forward and one backward; masked_fill copies x and then fills the copy.
-    return torch.where(mask, x.new_zeros(()), x)
-
-
 def _rescale(x: Tensor, mask: Tensor, scope: str) -> Tensor:
     """``x`` with dropped elements zeroed and kept ones times n / (n - dropped), per scope."""
     dims = None if scope in ("tensor", "global") else tuple(range(1 if scope == "sample" else 2, x.ndim))
@@ -327,8 +302,8 @@ def top_k_dropout_mask(x: Tensor, rate: float = 0.3, scope: str = "sample") -> T
     Returns:
         Tensor of shape ``x.shape`` and dtype ``torch.bool``.
     """
-    rate = _check_fraction(rate, "rate")
-    _check_scope(scope, x.ndim)
+    rate = check_fraction(rate, "rate")
+    check_scope(scope, x.ndim)
     return _mask(x, rate, scope)
 
 
@@ -348,15 +323,15 @@ def top_k_dropout(
         Tensor of the same shape and dtype as ``x``; the gradient is zero on dropped elements
         and passes (times the rescale factor) elsewhere.
     """
-    rate = _check_fraction(rate, "rate")
-    _check_scope(scope, x.ndim)
+    rate = check_fraction(rate, "rate")
+    check_scope(scope, x.ndim)
     if not training or rate == 0.0:
         return x
     mask = _mask(x, rate, scope)
-    return _rescale(x, mask, scope) if rescale else _zero(x, mask)
+    return _rescale(x, mask, scope) if rescale else zero_where(x, mask)
 
 
-class TopKDropout(_DropStats):
+class TopKDropout(MaskDropLayer):
     """Drops the ``round(rate * n)`` most active of the ``n`` units of each scope.
 
     Where :class:`~maxdrop.layers.max_dropout.MaxDropout`'s ``p`` is a fraction of the
@@ -376,6 +351,8 @@ class TopKDropout(_DropStats):
         Input (N, ...) ((N, C, ...) for ``scope="channel"``); output: same shape.
     """
 
+    fraction_name = "rate"
+
     def __init__(
         self,
         rate: float = 0.3,
@@ -384,23 +361,18 @@ class TopKDropout(_DropStats):
         track_stats: bool = True,
         rescale: bool = False,
     ) -> None:
-        super().__init__()
-        self.rate = _check_fraction(rate, "rate")
-        self.scope = _check_scope(scope)
-        self.active_in_eval = bool(active_in_eval)
-        self.track_stats = bool(track_stats)
+        super().__init__(active_in_eval, track_stats)
+        self.rate = check_fraction(rate, "rate")
+        self.scope = check_scope(scope)
         self.rescale = bool(rescale)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training or self.active_in_eval) or self.rate == 0.0:
-            return x
-        _check_scope(self.scope, x.ndim)
-        mask = _mask(x, self.rate, self.scope)
-        if self.training and self.track_stats:
-            self._record(torch.count_nonzero(mask), mask.numel())
-        return _rescale(x, mask, self.scope) if self.rescale else _zero(x, mask)
+    def drop_mask(self, x: Tensor) -> Tensor:
+        check_scope(self.scope, x.ndim)
+        return _mask(x, self.rate, self.scope)
+
+    def apply_mask(self, x: Tensor, mask: Tensor) -> Tensor:
+        return _rescale(x, mask, self.scope) if self.rescale else zero_where(x, mask)
 
     def extra_repr(self) -> str:
         s = f"rate={self.rate}, scope={self.scope!r}"
-        s += ", rescale=True" if self.rescale else ""
-        return s + (", active_in_eval=True" if self.active_in_eval else "")
+        return s + (", rescale=True" if self.rescale else "") + self._eval_repr()

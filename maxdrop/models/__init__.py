@@ -12,12 +12,12 @@ backbone           what                                                     slot
 
 Every backbone has ``dropout_slots()`` (full name -> layer of every filled slot position)
 and ``slot_positions()`` (every position -> where it sits). ``maxdrop slots <class>``
-prints them.
+prints them. ``find_dropout_slots(module)`` finds the slots of a LightningModule's backbone.
 """
 
 from maxdrop.models.fast_cnn import FastBlock, FastCNN
 from maxdrop.models.resnet import BasicBlock, ResNet, ResNet18, ResNet34
-from maxdrop.models.slots import SlotFactory, SlottedBackbone
+from maxdrop.models.slots import SlotFactory, SlottedBackbone, find_dropout_slots
 from maxdrop.models.wide_resnet import WideBasicBlock, WideResNet
 
 __all__ = [
@@ -31,4 +31,5 @@ __all__ = [
     "SlottedBackbone",
     "WideBasicBlock",
     "WideResNet",
+    "find_dropout_slots",
 ]

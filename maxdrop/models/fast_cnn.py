@@ -87,11 +87,10 @@ class FastCNN(SlottedBackbone):
         widths = [positive_int("widths[i]", w) for w in widths]
         self.scale = float(scale)
         self.stem = nn.Sequential(*_conv_bn_relu(3, widths[0]))
-        self.stages = nn.ModuleList(
+        self.add_stages(
             nn.Sequential(FastBlock(c_in, c_out, self.make_slot("block")))
             for c_in, c_out in zip(widths[:-1], widths[1:], strict=True)
         )
-        self.stage_slots = nn.ModuleDict({f"stage{s + 1}": self.make_slot(f"stage{s + 1}") for s in range(n_stages)})
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head_slot = self.make_slot("head")
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
@@ -103,7 +102,5 @@ class FastCNN(SlottedBackbone):
     def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
         """(N, 3, H, W) images -> (N, num_classes) logits; ``targets`` (N,) reach only a head layer
         that needs them (see :meth:`SlottedBackbone.apply_head`)."""
-        x = self.stem(x)
-        for stage, slot in zip(self.stages, self.stage_slots.values(), strict=True):
-            x = slot(stage(x))
+        x = self.run_stages(self.stem(x))
         return self.apply_head(self.pool(x).flatten(1), targets)

@@ -105,8 +105,7 @@ class ResNet(SlottedBackbone):
             ]
             stages.append(nn.Sequential(*stage))
             c_in = c_out
-        self.stages = nn.ModuleList(stages)
-        self.stage_slots = nn.ModuleDict({f"stage{s + 1}": self.make_slot(f"stage{s + 1}") for s in range(4)})
+        self.add_stages(stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head_slot = self.make_slot("head")
         self.fc = nn.Linear(c_in, num_classes)
@@ -114,9 +113,7 @@ class ResNet(SlottedBackbone):
     def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
         """(N, 3, H, W) images -> (N, num_classes) logits; ``targets`` (N,) reach only a head layer
         that needs them (see :meth:`SlottedBackbone.apply_head`)."""
-        x = self.stem(x)
-        for stage, slot in zip(self.stages, self.stage_slots.values(), strict=True):
-            x = slot(stage(x))
+        x = self.run_stages(self.stem(x))
         return self.apply_head(self.pool(x).flatten(1), targets)
 
 

@@ -16,12 +16,12 @@ fill only the ``head`` slot: :meth:`SlottedBackbone.apply_head` calls it as
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import ClassVar
 
 from torch import Tensor, nn
 
-__all__ = ["SlotFactory", "SlottedBackbone", "positive_int"]
+__all__ = ["SlotFactory", "SlottedBackbone", "find_dropout_slots", "positive_int"]
 
 #: What a slot is filled with: a zero-argument callable that returns a new layer.
 SlotFactory = Callable[[], nn.Module]
@@ -39,7 +39,8 @@ class SlottedBackbone(nn.Module):
 
     Subclasses set :attr:`SLOTS`, call ``super().__init__(slots)`` first, build each
     slot layer with :meth:`make_slot` and either follow the staged layout that
-    :meth:`_slot_sites` reads or override it.
+    :meth:`_slot_sites` reads (:meth:`add_stages`, :meth:`run_stages`, ``self.head_slot``,
+    :meth:`apply_head`) or override it.
 
     Args:
         slots: slot name -> factory (or ``None`` for an empty slot). An ``nn.Module``
@@ -58,11 +59,6 @@ class SlottedBackbone(nn.Module):
     def __init__(self, slots: Mapping[str, SlotFactory | nn.Module | None] | None = None) -> None:
         super().__init__()
         self._slot_specs = self._check_slots(slots)
-
-    @classmethod
-    def describe_slots(cls) -> str:
-        """One line per slot: ``name: where it sits``."""
-        return "\n".join(f"{name}: {where}" for name, where in cls.SLOTS.items())
 
     @classmethod
     def _check_slots(cls, slots: object) -> dict[str, SlotFactory | nn.Module]:
@@ -119,6 +115,20 @@ class SlottedBackbone(nn.Module):
             return self.classify(self.head_slot(features, targets, self.classify))
         return self.classify(self.head_slot(features))
 
+    def add_stages(self, stages: Iterable[nn.Module]) -> None:
+        """Register the stages of the staged layout (``self.stages``) and one slot after each
+        (``self.stage_slots``: ``stage1`` ... ``stageS``); the stages' blocks hold their own ``slot``."""
+        self.stages = nn.ModuleList(stages)
+        self.stage_slots = nn.ModuleDict(
+            {f"stage{s + 1}": self.make_slot(f"stage{s + 1}") for s in range(len(self.stages))}
+        )
+
+    def run_stages(self, x: Tensor) -> Tensor:
+        """Each stage, then the slot after it: (N, C, H, W) stem output -> the last stage's output."""
+        for stage, slot in zip(self.stages, self.stage_slots.values(), strict=True):
+            x = slot(stage(x))
+        return x
+
     def _slot_sites(self) -> Iterator[tuple[str, str, nn.Module]]:
         """Every slot position in forward order: (full name, where it sits, layer).
 
@@ -147,3 +157,59 @@ class SlottedBackbone(nn.Module):
         ``<slot>.<i>`` for slots repeated in every block (``block.0`` ... ``block.B-1``).
         """
         return {name: layer for name, _, layer in self._slot_sites() if not isinstance(layer, nn.Identity)}
+
+
+def find_dropout_slots(module: nn.Module) -> dict[str, nn.Module] | None:
+    """The dropout slots of a LightningModule's backbone.
+
+    Looks for ``module.backbone.dropout_slots()`` first, then for a ``dropout_slots`` method on any
+    submodule (the outermost ones; slot names get the submodule's path as a prefix when there are
+    several).
+
+    Args:
+        module: usually the LightningModule.
+
+    Returns:
+        ``{slot name: layer}`` (empty when the backbone has no filled slot), or None when no module
+        has a ``dropout_slots`` method.
+
+    Raises:
+        TypeError: ``dropout_slots()`` returned something other than a ``{str: nn.Module}`` mapping.
+        ValueError: one layer instance fills two slots (its counts would be taken twice).
+    """
+    backbone = getattr(module, "backbone", None)
+    if isinstance(backbone, nn.Module) and callable(getattr(backbone, "dropout_slots", None)):
+        owners = [("", backbone)]
+    else:
+        owners = []
+        for path, sub in module.named_modules():
+            if callable(getattr(sub, "dropout_slots", None)) and not any(
+                path.startswith(p + ".") or p == "" for p, _ in owners
+            ):
+                owners.append((path, sub))
+        if not owners:
+            return None
+    slots: dict[str, nn.Module] = {}
+    for path, owner in owners:
+        found = owner.dropout_slots()
+        if not isinstance(found, Mapping):
+            raise TypeError(
+                f"{type(owner).__name__}.dropout_slots() must return a dict {{slot name: nn.Module}}, "
+                f"got {type(found).__name__}"
+            )
+        for name, layer in found.items():
+            if not isinstance(name, str) or not isinstance(layer, nn.Module):
+                raise TypeError(
+                    f"{type(owner).__name__}.dropout_slots() must map str to nn.Module, "
+                    f"got {name!r}: {type(layer).__name__}"
+                )
+            slots[f"{path}.{name}" if len(owners) > 1 else name] = layer
+    by_id: dict[int, str] = {}
+    for name, layer in slots.items():
+        if id(layer) in by_id:
+            raise ValueError(
+                f"slots {by_id[id(layer)]!r} and {name!r} hold the same {type(layer).__name__} instance; "
+                "every slot needs its own layer instance"
+            )
+        by_id[id(layer)] = name
+    return slots

@@ -96,7 +96,7 @@ class WideResNet(SlottedBackbone):
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.stem = nn.Conv2d(3, widths[0], kernel_size=3, padding=1, bias=False)
-        self.stages = nn.ModuleList(  # the WRN's three groups
+        self.add_stages(  # the WRN's three groups
             nn.Sequential(
                 *(
                     WideBasicBlock(widths[g] if b == 0 else widths[g + 1], widths[g + 1], stride if b == 0 else 1,
@@ -106,7 +106,6 @@ class WideResNet(SlottedBackbone):
             )
             for g, stride in enumerate((1, 2, 2))
         )  # fmt: skip
-        self.stage_slots = nn.ModuleDict({f"stage{g + 1}": self.make_slot(f"stage{g + 1}") for g in range(3)})
         self.bn = nn.BatchNorm2d(widths[3])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head_slot = self.make_slot("head")
@@ -124,7 +123,5 @@ class WideResNet(SlottedBackbone):
     def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
         """(N, 3, H, W) images -> (N, num_classes) logits; ``targets`` (N,) reach only a head layer
         that needs them (see :meth:`SlottedBackbone.apply_head`)."""
-        x = self.stem(x)
-        for group, slot in zip(self.stages, self.stage_slots.values(), strict=True):
-            x = slot(group(x))
+        x = self.run_stages(self.stem(x))
         return self.apply_head(self.pool(self.bn(x).relu()).flatten(1), targets)

@@ -23,7 +23,7 @@ timeout 240 python3 -m maxdrop fit --config configs/speed/resnet18_cifar10_94.ya
   --trainer.logger '{"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "/tmp/runs", "name": "t94", "version": "0"}}' \
   2>&1 | tail -20 | tee "$OUT/t94.txt"
 python3 - <<'PY' | tee -a "$OUT/t94.txt"
-from maxdrop.report import read_scalars
+from maxdrop.experiments.report import read_scalars
 from pathlib import Path
 s = read_scalars(Path("/tmp/runs/t94/0"))
 acc = s.get("val/acc", [])

@@ -12,9 +12,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from data_helpers import tiny_run_config
 
 from maxdrop.cli import main
+from tests.helpers.data import tiny_run_config
 
 ONE_CYCLE = {"class_path": "torch.optim.lr_scheduler.OneCycleLR", "init_args": {"max_lr": 0.05, "pct_start": 0.25}}
 
@@ -54,7 +54,7 @@ def _exit_status(capsys, *args: str) -> tuple[int, str]:
 
 def test_an_error_in_a_callback_mid_fit_is_a_failed_run_with_its_traceback(tmp_path, tiny_tree, capsys):
     cfg = _config(tmp_path, tiny_tree, trainer={"max_epochs": 2, "limit_val_batches": 1})
-    bug = json.dumps({"class_path": "test_run_failures.FailsAtStep", "init_args": {"step": 6}})
+    bug = json.dumps({"class_path": f"{__name__}.FailsAtStep", "init_args": {"step": 6}})
     status, err = _exit_status(
         capsys, "fit", "--config", cfg, "--trainer.logger", _logger(tmp_path, "bug"), f"--trainer.callbacks+={bug}"
     )

@@ -6,15 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from data_helpers import tiny_run_config
-from test_dgdm import literal_dgdm
-from test_drop_masks import TAG, images_of
-from test_monitoring import RecordedClassifier
 
 from maxdrop import ADL, DualAttentionDropBlock
 from maxdrop.callbacks import load_sparsity_summary
-from maxdrop.callbacks.drop_masks import drop_map
 from maxdrop.cli import MaxdropCLI
+from maxdrop.monitoring.drop_masks import drop_map
+from tests.helpers.data import tiny_run_config
+from tests.layers.test_dgdm import literal_dgdm
+from tests.monitoring.test_drop_masks import TAG, images_of
+from tests.monitoring.test_sparsity import RecordedClassifier
 
 
 def reference_count(layer, x: torch.Tensor, rng_state: torch.Tensor) -> int:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import tiny_run_config
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from maxdrop.cli import main
 from maxdrop.training.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from maxdrop.utils import atomic
+from tests.helpers.data import tiny_run_config
 
 PREVIOUS = {"state_dict": {"w": torch.arange(4000.0)}, "epoch": 3, "global_step": 12}
 NEW = {"state_dict": {"w": torch.randn(100_000)}, "epoch": 4, "global_step": 16}
