@@ -71,6 +71,8 @@ def build_from_spec(spec: Any, what: str, **defaults: Any) -> Any:
     """
     if isinstance(spec, nn.Module):
         return spec
+    if callable(getattr(spec, "as_dict", None)):  # a jsonargparse Namespace
+        spec = spec.as_dict()
     init: dict[str, Any] = {}
     if isinstance(spec, Mapping):
         if "class_path" not in spec:
@@ -290,12 +292,18 @@ class _Around(nn.Module):
         return self.after(self.module(self.before(x), *args, **kwargs))
 
 
-def check_output_width(model: nn.Module, num_classes: int, example: Tensor, what: str) -> None:
-    """ValueError naming both numbers when ``model(example)`` has another width than ``num_classes``."""
+def check_output_width(model: nn.Module, num_classes: int, example: Tensor, what: str, strict: bool = True) -> None:
+    """ValueError naming both numbers when ``model(example)`` has another width than ``num_classes``
+    (a dry forward in eval mode, which changes no state). ``strict=False``: a forward that fails
+    (a model for another input size) is no error here."""
     was_training = model.training
     try:
         with torch.no_grad():
             out = model.eval()(example)
+    except Exception:
+        if strict:
+            raise
+        return
     finally:
         model.train(was_training)
     width = out.shape[-1] if isinstance(out, Tensor) and out.ndim == 2 else None
@@ -395,6 +403,7 @@ class WithSlots(SlottedBackbone):
         for name, entry in slots.items():
             if not isinstance(name, str) or not name.isidentifier() or hasattr(nn.ModuleDict(), name):
                 raise ValueError(f"slot name {name!r} must be a Python identifier (and not a ModuleDict method)")
+            entry = entry.as_dict() if callable(getattr(entry, "as_dict", None)) else entry
             if not isinstance(entry, Mapping) or "layer" not in entry or set(entry) - {"after", "before", "layer"}:
                 raise ValueError(
                     f"slot {name!r} must be {{after: positions, before: positions, layer: class_path entry}}, got "
@@ -410,7 +419,7 @@ class WithSlots(SlottedBackbone):
     def _make_layer(self, slot: str, spec: Any) -> nn.Module:
         if isinstance(spec, nn.Module):
             layer = copy.deepcopy(spec)
-        elif isinstance(spec, (Mapping, str)) or inspect.isclass(spec):
+        elif isinstance(spec, (Mapping, str)) or inspect.isclass(spec) or hasattr(spec, "as_dict"):
             layer = build_from_spec(spec, f"slot {slot!r} layer")
         elif callable(spec):
             layer = spec()
