@@ -17,33 +17,28 @@ module that runs more than once per forward is refused there (the layer would ru
 from __future__ import annotations
 
 import copy
-import difflib
-import fnmatch
 import importlib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 
+from maxdrop.models.positions import (
+    TracedModel,
+    expand_patterns,
+    find_classifier,
+    module_calls,
+    position_list,
+    trace_model,
+)
 from maxdrop.models.slots import SlottedBackbone
 
-__all__ = ["Position", "WithSlots", "build_from_spec", "check_output_width", "model_positions"]
+__all__ = ["WithSlots", "build_from_spec", "check_output_width"]
 
 #: The container of the inserted layers inside the rewritten model (``model.maxdrop_slots.<slot>.<i>``).
 SLOTS_ATTR = "maxdrop_slots"
-
-
-@dataclass(frozen=True)
-class Position:
-    """A place in the forward where a layer can go: ``name`` (the fx node or module name), ``kind``
-    (the module class, function or method name) and how often that module runs per forward."""
-
-    name: str
-    kind: str
-    calls: int = 1
 
 
 def _import(class_path: str, what: str) -> Any:
@@ -88,195 +83,6 @@ def build_from_spec(spec: Any, what: str, **defaults: Any) -> Any:
         if value is not None and key not in init and _accepts(fn, key):
             init[key] = value
     return fn(**init)
-
-
-def _tracer_kwargs() -> dict[str, Any]:
-    try:  # timm's own list of modules and functions that fx must not trace through
-        from timm.models._features_fx import get_notrace_functions, get_notrace_modules
-    except ImportError:
-        return {}
-    return {"leaf_modules": list(get_notrace_modules()), "autowrap_functions": list(get_notrace_functions())}
-
-
-def _tracer_class() -> type:
-    from torchvision.models.feature_extraction import NodePathTracer
-
-    class ModuleCallTracer(NodePathTracer):
-        """torchvision's NodePathTracer that also records each traced-through module call: its output
-        node, its input node and the nodes it made (so that ``layer1`` is a position, as its nodes are)."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.created: list[fx.Node] = []
-            self.module_calls: dict[str, tuple[fx.Node, fx.Node | None, set[fx.Node]]] = {}
-            self.call_counts: dict[str, int] = {}
-
-        def create_proxy(self, *args: Any, **kwargs: Any) -> fx.Proxy:
-            proxy = super().create_proxy(*args, **kwargs)
-            self.created.append(proxy.node)
-            return proxy
-
-        def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
-            path = self.path_of_module(m)
-            if not path or self.is_leaf_module(m, path):
-                return super().call_module(m, forward, args, kwargs)
-            start = len(self.created)
-            out = super().call_module(m, forward, args, kwargs)
-            k = self.call_counts.get(path, 0)
-            self.call_counts[path] = k + 1
-            if isinstance(out, fx.Proxy):
-                first = args[0].node if args and isinstance(args[0], fx.Proxy) else None
-                self.module_calls[path if k == 0 else f"{path}_{k}"] = (out.node, first, set(self.created[start:]))
-            return out
-
-    return ModuleCallTracer
-
-
-@dataclass
-class _Traced:
-    """A traced model: its graph, node -> name, module call name -> (output, input, member nodes), and
-    every position name in forward order."""
-
-    graph: fx.Graph
-    names: dict[fx.Node, str]
-    modules: dict[str, tuple[fx.Node, fx.Node | None, set[fx.Node]]]
-    counts: dict[str, int]
-    order: list[str]
-
-
-def _trace(model: nn.Module) -> _Traced:
-    """The train-mode fx graph of ``model`` with torchvision's node names and the module-call positions.
-
-    Raises:
-        RuntimeError: the model does not trace, or traces differently in eval mode.
-    """
-    from torchvision.models.feature_extraction import _set_default_tracer_kwargs
-
-    was_training = model.training
-    traced = []
-    try:
-        for mode in (True, False):
-            tracer = _tracer_class()(**_set_default_tracer_kwargs(_tracer_kwargs()))
-            graph = tracer.trace(model.train(mode))
-            names = dict(tracer.node_to_qualname)
-            after: dict[fx.Node, list[str]] = {}
-            for name, (out, _, _) in tracer.module_calls.items():
-                after.setdefault(out, []).append(name)
-            order = []
-            for node in graph.nodes:
-                if node.op != "output":
-                    order += [names[node]] + [m for m in after.get(node, []) if m != names[node]]
-            traced.append(_Traced(graph, names, tracer.module_calls, tracer.call_counts, order))
-    except Exception as err:  # noqa: BLE001 (any tracing failure means: use module boundaries)
-        raise RuntimeError(f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}") from err
-    finally:
-        model.train(was_training)
-    if traced[0].order != traced[1].order:
-        raise RuntimeError(f"{type(model).__name__} traces to different graphs in train and eval mode")
-    return traced[0]
-
-
-def _node_kind(node: fx.Node, model: nn.Module) -> str:
-    if node.op == "call_module":
-        return type(model.get_submodule(node.target)).__name__
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return node.op
-
-
-def _module_calls(model: nn.Module, example: Tensor | None) -> dict[str, int]:
-    """How often each named submodule runs in one forward of ``example`` (forward order), or {}."""
-    if example is None:
-        return {}
-    calls: dict[str, int] = {}
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
-        for name, m in model.named_modules()
-        if name
-    ]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return calls
-
-
-def model_positions(model: nn.Module, example: Tensor | None = None) -> tuple[list[Position], bool]:
-    """Every position of ``model`` in forward order and whether they are fx graph nodes (True) or
-    module boundaries (False, when the model does not trace). ``example`` (a (1, C, H, W) input)
-    gives the module call counts."""
-    calls = _module_calls(model, example)
-    try:
-        t = _trace(model)
-    except RuntimeError:
-        if not calls:
-            return [Position(n, type(m).__name__) for n, m in model.named_modules() if n], False
-        mods = dict(model.named_modules())
-        return [Position(n, type(mods[n]).__name__, c) for n, c in calls.items()], False
-    nodes = {q: n for n, q in t.names.items()}
-    out = []
-    for name in t.order:
-        node = nodes.get(name)
-        if node is not None:
-            count = calls.get(node.target, 1) if node.op == "call_module" else 1
-            out.append(Position(name, _node_kind(node, model), count))
-        else:
-            path = name if name in t.counts else name.rpartition("_")[0]
-            out.append(Position(name, type(model.get_submodule(path)).__name__, t.counts[path]))
-    return out, True
-
-
-def _as_list(value: Any, where: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"{where} must be a position name or a list of them, got {value!r}")
-
-
-def _expand(patterns: list[str], names: list[str], where: str) -> list[str]:
-    """Glob ``patterns`` over ``names`` (forward order kept); a pattern that matches nothing is an error."""
-    out: list[str] = []
-    for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            close = difflib.get_close_matches(pattern, names, n=6, cutoff=0.5)
-            hint = f"close matches: {', '.join(close)}" if close else f"the first positions are {', '.join(names[:8])}"
-            raise ValueError(
-                f"{where}: {pattern!r} matches no position of the model ({hint}); `maxdrop slots <model>` lists "
-                "every position"
-            )
-        out += [n for n in hits if n not in out]
-    return out
-
-
-def find_classifier(model: nn.Module, head: str | None) -> str | None:
-    """The module path of ``model``'s classifier: ``head`` if given, else timm's ``get_classifier()``,
-    else torchvision's ``fc`` / ``classifier`` / ``head``; None when none is found."""
-    if head is not None:
-        try:
-            model.get_submodule(head)
-        except AttributeError as err:
-            raise ValueError(f"head={head!r} is not a submodule of {type(model).__name__}") from err
-        return head
-    get = getattr(model, "get_classifier", None)
-    if callable(get):
-        found = get()
-        for name, m in model.named_modules():
-            if m is found and name:
-                return name
-    for name in ("fc", "classifier", "head"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            return name
-    return None
 
 
 class _Around(nn.Module):
@@ -378,7 +184,7 @@ class WithSlots(SlottedBackbone):
         self._needs_targets = False
         self._sites: list[tuple[str, str, nn.Module]] = []  # (full name, where, layer)
         try:
-            traced = _trace(net)
+            traced = trace_model(net)
         except RuntimeError as err:
             self.traced, self.trace_error = False, str(err)
             self.model = self._wrap_modules(net, specs, classifier, example)
@@ -409,8 +215,8 @@ class WithSlots(SlottedBackbone):
                     f"slot {name!r} must be {{after: positions, before: positions, layer: class_path entry}}, got "
                     f"{entry!r}"
                 )
-            after = _as_list(entry.get("after"), f"slot {name!r} after")
-            before = _as_list(entry.get("before"), f"slot {name!r} before")
+            after = position_list(entry.get("after"), f"slot {name!r} after")
+            before = position_list(entry.get("before"), f"slot {name!r} before")
             if not after and not before and name != "head":
                 raise ValueError(f"slot {name!r} needs `after:` or `before:` positions (only `head` has a default)")
             out[name] = (after, before, entry["layer"])
@@ -453,8 +259,8 @@ class WithSlots(SlottedBackbone):
                 if first is None:
                     raise ValueError(f"the classifier {classifier!r} does not run in the model's forward")
                 before = [first]
-            sites = [("after", p) for p in _expand(after, names, f"slot {slot!r} after")]
-            sites += [("before", p) for p in _expand(before, names, f"slot {slot!r} before")]
+            sites = [("after", p) for p in expand_patterns(after, names, f"slot {slot!r} after")]
+            sites += [("before", p) for p in expand_patterns(before, names, f"slot {slot!r} before")]
             sites.sort(key=lambda s: (order[s[1]], s[0] == "after"))
             for site in sites:
                 if site in taken:
@@ -467,7 +273,7 @@ class WithSlots(SlottedBackbone):
         self._sites.append((slot if n == 1 else f"{slot}.{i}", f"{side} {pos}", layer))
         self._needs_targets |= bool(getattr(layer, "needs_targets", False))
 
-    def _rewrite_graph(self, net: nn.Module, t: _Traced, specs: dict, classifier: str | None) -> fx.GraphModule:
+    def _rewrite_graph(self, net: nn.Module, t: TracedModel, specs: dict, classifier: str | None) -> fx.GraphModule:
         graph = t.graph
         gm = fx.GraphModule(net, graph, class_name=type(net).__name__)
         container = nn.ModuleDict()
@@ -553,7 +359,7 @@ class WithSlots(SlottedBackbone):
         node.replace_input_with(arg, new)
 
     def _wrap_modules(self, net: nn.Module, specs: dict, classifier: str | None, example: Tensor) -> nn.Module:
-        calls = _module_calls(net, example)
+        calls = module_calls(net, example)
         mods = dict(net.named_modules())
         for slot, sites, spec in self._placements(specs, list(calls), classifier):
             for i, (side, pos) in enumerate(sites):
