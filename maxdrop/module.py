@@ -108,7 +108,7 @@ def _factory_class(factory: Callable[..., Any]) -> type | None:
 def _build_backbone(factory: Callable[..., nn.Module], num_classes: int) -> nn.Module:
     """``factory(num_classes=...)`` (by keyword: torchvision's first argument is ``weights``), checked to
     give ``num_classes`` logits."""
-    given = isinstance(factory, partial) and "num_classes" in factory.keywords  # set in the config
+    given = isinstance(factory, partial) and factory.keywords.get("num_classes") is not None  # in the config
     built = factory() if given or not _accepts_num_classes(_factory_class(factory) or factory) else None
     built = factory(num_classes=num_classes) if built is None else built
     if not isinstance(built, nn.Module):

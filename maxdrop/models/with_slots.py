@@ -58,11 +58,12 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def build_from_spec(spec: Any, what: str, **defaults: Any) -> Any:
+def build_from_spec(spec: Any, what: str, **overrides: Any) -> Any:
     """Build an object from a ``{"class_path", "init_args"}`` entry, a class/function or an instance.
 
-    ``defaults`` (e.g. ``num_classes``) are passed only where the spec does not set them and the
-    callable accepts them by keyword. Instances (``nn.Module``) are returned as they are.
+    ``overrides`` (e.g. ``num_classes``) replace the entry's values where the callable accepts them by
+    keyword (LightningCLI fills every default into the entry, so an absent value cannot be told from a
+    default one). Instances (``nn.Module``) are returned as they are.
     """
     if isinstance(spec, nn.Module):
         return spec
@@ -79,8 +80,8 @@ def build_from_spec(spec: Any, what: str, **defaults: Any) -> Any:
         fn = spec
     else:
         raise TypeError(f"{what} must be a class_path/init_args entry, a callable or an nn.Module, got {spec!r}")
-    for key, value in defaults.items():
-        if value is not None and key not in init and _accepts(fn, key):
+    for key, value in overrides.items():
+        if value is not None and _accepts(fn, key):
             init[key] = value
     return fn(**init)
 
@@ -138,8 +139,8 @@ class WithSlots(SlottedBackbone):
         model: the classifier: a ``class_path``/``init_args`` entry of a class or of a factory function
             (``torchvision.models.resnet18``, ``timm.create_model`` with ``model_name``,
             ``torchvision.models.get_model`` with ``name``), or in Python an ``nn.Module`` (used as it is,
-            not copied) or a callable that builds one. ``num_classes`` is passed by keyword when the
-            entry does not set it and the callable accepts it.
+            not copied) or a callable that builds one. ``num_classes`` (the data's, which the training
+            module passes) is given to it by keyword, replacing the entry's, where the callable accepts it.
         slots: slot name -> ``{after: positions, before: positions, layer: spec}``. Positions are node
             names as ``maxdrop slots`` lists them (torchvision's ``get_graph_node_names``), or glob
             patterns over them (``blocks.*.mlp.act``); ``after`` applies the layer to that node's output

@@ -95,12 +95,14 @@ def test_untraceable_model_falls_back_to_modules_and_refuses_a_reused_one():
 
 def test_wrong_width_is_refused_with_both_numbers():
     with pytest.raises(ValueError, match=r"gives 1000 outputs .* num_classes=10"):
-        WithSlots({"class_path": "torchvision.models.resnet18", "init_args": {"num_classes": 1000}}, num_classes=10)
+        WithSlots(lambda: torchvision.models.resnet18(), num_classes=10)  # a factory without num_classes
     with pytest.raises(ValueError, match=r"gives 100 outputs .* num_classes=10"):
         ClassificationModule(lambda: torchvision.models.resnet18(num_classes=100), num_classes=10)
 
 
 def test_num_classes_goes_by_keyword():
+    spec = {"class_path": "torchvision.models.resnet18", "init_args": {"num_classes": 1000}}
+    assert WithSlots(spec, num_classes=10).model.fc.out_features == 10  # the data's replaces the entry's
     assert ClassificationModule(torchvision.models.resnet18, num_classes=7).backbone.fc.out_features == 7
     model = {"class_path": "torchvision.models.resnet18"}
     spec = {"class_path": "maxdrop.models.WithSlots", "init_args": {"model": model}}
