@@ -178,6 +178,8 @@ class WithSlots(SlottedBackbone):
         if not isinstance(net, nn.Module):
             raise TypeError(f"WithSlots model must build an nn.Module, got {type(net).__name__}")
         self.num_classes = num_classes
+        #: the wrapped network's class name (the HParams ``backbone/model`` column)
+        self.model_name = type(net).__name__
         self.input_size = tuple(int(s) for s in input_size)
         example = torch.zeros(2, *self.input_size)
         specs = self._parse_slots(slots)

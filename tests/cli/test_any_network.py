@@ -68,6 +68,7 @@ def test_any_config_trains_and_the_monitor_counts_every_drop(config, tiny_tree):
         assert monitor.logged[f"maxdrop/{name}/dropped"] == counts[name] > 0
     hp = run_hparams(cli.trainer, cli.model)
     assert hp["backbone"] == "WithSlots" and hp[f"slot/{slots[0]}"] in ("MaxDropout", "TopKDropout")
+    assert hp["backbone/model"] == type(cli.model.backbone.model).__name__ in ("ResNet", "VisionTransformer")
 
 
 @pytest.mark.slow
