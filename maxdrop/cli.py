@@ -327,11 +327,23 @@ def _print_any_model(spec: dict[str, Any], input_size: Sequence[int]) -> None:
             filled[where.partition(" ")[2]] = f"{name} ({where.partition(' ')[0]})"
         spec, init = init["model"], {}
         cls = None
+    name = spec["class_path"] if isinstance(spec, dict) else type(spec).__name__
     try:
         model = build_from_spec(spec, "the model")
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    positions, traced = model_positions(model, torch.zeros(2, *input_size))
+    except (ValueError, TypeError) as err:
+        raise UsageError(
+            f"cannot build {name} with the arguments given ({err}); give them as --NAME VALUE, e.g. "
+            f"`{PROG} slots torchvision.models.resnet18 --num_classes 10`"
+        ) from None  # the message says it all; the cause would replace it (see _root_cause)
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{name} built a {type(model).__name__}, not an nn.Module: it has no positions to list")
+    try:
+        positions, traced = model_positions(model, torch.zeros(2, *input_size))
+    except RuntimeError as err:
+        raise UsageError(
+            f"a dry forward of {name} on a batch of {'x'.join(map(str, input_size))} inputs fails ({err}); give "
+            "the input size it takes as --input_size C H W"
+        ) from err
     how = (
         "torch.fx graph nodes, named as torchvision's get_graph_node_names names them"
         if traced
