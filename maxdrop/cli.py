@@ -70,7 +70,7 @@ def _one_paragraph(message: str, limit: int = 1200) -> str:
 # Lines of jsonargparse's nested messages that only restate the types tried and the value given.
 _NOISE = re.compile(
     r"^\s*(-\s*)?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value"
-    r"|Expected a <class 'NoneType'>|Expected a path but)"
+    r"|Expected a <class 'NoneType'>|Expected a <class 'dict'>|Expected a path but)"
 )
 
 
@@ -81,11 +81,14 @@ def _simplify(message: str) -> str:
         return f"config file '{missing.group(1)}' does not exist (given to --config)"
     lines = [line for line in str(message).splitlines() if not _NOISE.match(line)]
     text = " ".join(lines)
+    given = re.search(r"Given value: ([\w.]+)\n", str(message))  # the backbone's union type reports it so
     unknown = re.search(r"(module '[\w.]+' has no attribute '\w+'|No module named '[\w.]+')\.? Got value: (.+)$", text)
+    if unknown is None and given:
+        unknown = re.search(r"(module '[\w.]+' has no attribute '\w+'|No module named '[\w.]+')\.?()", text)
     if unknown:
         value = re.search(r"class_path='([^']+)'", unknown.group(2))
         where = ".".join(re.findall(r'Parser key "([^"]+)"', text))
-        name = value.group(1) if value else unknown.group(2).strip()
+        name = value.group(1) if value else (unknown.group(2).strip() or (given.group(1) if given else ""))
         return f"unknown class_path {name!r} (in {where}): {unknown.group(1)}"
     return text
 
