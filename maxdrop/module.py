@@ -106,11 +106,15 @@ def _factory_class(factory: Callable[..., Any]) -> type | None:
 
 
 def _build_backbone(factory: Callable[..., nn.Module], num_classes: int) -> nn.Module:
-    """``factory(num_classes=...)`` (by keyword: torchvision's first argument is ``weights``), checked to
-    give ``num_classes`` logits."""
+    """``factory(num_classes=...)`` (by keyword: torchvision's first argument is ``weights``), or
+    ``factory(num_classes)`` for a callable whose first parameter has another name (``lambda n: ...``),
+    checked to give ``num_classes`` logits."""
     given = isinstance(factory, partial) and factory.keywords.get("num_classes") is not None  # in the config
-    built = factory() if given or not _accepts_num_classes(_factory_class(factory) or factory) else None
-    built = factory(num_classes=num_classes) if built is None else built
+    how = "none" if given else _num_classes_parameter(_factory_class(factory) or factory)
+    if how == "keyword":
+        built = factory(num_classes=num_classes)
+    else:
+        built = factory(num_classes) if how == "positional" else factory()
     if not isinstance(built, nn.Module):
         raise TypeError(f"backbone must build an nn.Module, got {type(built).__name__}")
     if not isinstance(built, WithSlots):  # WithSlots checks its own width, at its input_size
@@ -120,12 +124,19 @@ def _build_backbone(factory: Callable[..., nn.Module], num_classes: int) -> nn.M
     return built
 
 
-def _accepts_num_classes(fn: Callable[..., Any]) -> bool:
+def _num_classes_parameter(fn: Callable[..., Any]) -> str:
+    """How ``fn`` takes the number of classes: "keyword" (a ``num_classes`` or ``**kwargs`` parameter),
+    "positional" (a required first positional parameter of another name) or "none"."""
     try:
-        params = inspect.signature(fn).parameters
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return False
-    return "num_classes" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        return "positional"  # a callable without a signature: the old contract, backbone(num_classes)
+    if any(p.name == "num_classes" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return "keyword"
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if params and params[0].kind in positional and params[0].default is inspect.Parameter.empty:
+        return "positional"
+    return "none"
 
 
 class ClassificationModule(LightningModule):
