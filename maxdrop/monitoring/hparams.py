@@ -42,10 +42,10 @@ def _scalar(value: Any) -> bool | int | float | str | None:
 def run_hparams(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, bool | int | float | str]:
     """The hyperparameters a run is compared by, flat: ``{name: bool | number | str}``.
 
-    The seed, the backbone class, each slot's layer class (``slot/<name>``) and main argument
-    (``slot/<name>/p``, ``rate``, ...), the data set, batch size and augmentation switches
-    (``augment/...``), the optimizer, learning rate, weight decay, LR schedule, label smoothing,
-    ``max_epochs`` / ``max_steps`` and the number of processes.
+    The seed, the backbone class (and ``backbone/model``, the network a WithSlots wraps), each slot's
+    layer class (``slot/<name>``) and main argument (``slot/<name>/p``, ``rate``, ...), the data set,
+    batch size and augmentation switches (``augment/...``), the optimizer, learning rate, weight
+    decay, LR schedule, label smoothing, ``max_epochs`` / ``max_steps`` and the number of processes.
     """
     hp: dict[str, Any] = {}
     seed = os.environ.get("PL_GLOBAL_SEED")
@@ -53,6 +53,8 @@ def run_hparams(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str,
         hp["seed"] = int(seed)
     backbone = getattr(pl_module, "backbone", pl_module)
     hp["backbone"] = type(backbone).__name__
+    if isinstance(getattr(backbone, "model_name", None), str):  # WithSlots: the network it wraps
+        hp["backbone/model"] = backbone.model_name
     for name, layer in (find_dropout_slots(pl_module) or {}).items():
         hp[f"slot/{name}"] = type(layer).__name__
         for arg in SLOT_ARGS:

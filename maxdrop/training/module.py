@@ -19,13 +19,15 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from maxdrop.models import ResNet18
+from maxdrop.models import ResNet18, WithSlots
 from maxdrop.models.slots import positive_int
+from maxdrop.models.with_slots import check_output_width
 from maxdrop.training.distributed import destroy_process_group_at_exit
 from maxdrop.training.resume_checks import check_schedule_length, check_state_dict_keys
 from maxdrop.utils.class_paths import import_class_path
@@ -136,8 +138,42 @@ def _phases_of_a_short_run(cls: type, given: dict[str, Any], total: int) -> dict
     return {"pct_start": 2 / total}
 
 
+def _build_backbone(factory: Callable[..., nn.Module], num_classes: int) -> nn.Module:
+    """``factory(num_classes=...)`` (by keyword: torchvision's first argument is ``weights``), or
+    ``factory(num_classes)`` for a callable whose first parameter has another name (``lambda n: ...``),
+    checked to give ``num_classes`` logits."""
+    given = isinstance(factory, partial) and factory.keywords.get("num_classes") is not None  # in the config
+    how = "none" if given else _num_classes_parameter(_factory_class(factory) or factory)
+    if how == "keyword":
+        built = factory(num_classes=num_classes)
+    else:
+        built = factory(num_classes) if how == "positional" else factory()
+    if not isinstance(built, nn.Module):
+        raise TypeError(f"backbone must build an nn.Module, got {type(built).__name__}")
+    if not isinstance(built, WithSlots):  # WithSlots checks its own width, at its input_size
+        # A model for another input size fails the dry forward: then the first batch will tell.
+        example = torch.zeros(2, 3, 32, 32)
+        check_output_width(built, num_classes, example, f"the backbone {type(built).__name__}", strict=False)
+    return built
+
+
+def _num_classes_parameter(fn: Callable[..., Any]) -> str:
+    """How ``fn`` takes the number of classes: "keyword" (a ``num_classes`` or ``**kwargs`` parameter),
+    "positional" (a required first positional parameter of another name) or "none"."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return "positional"  # a callable without a signature: the old contract, backbone(num_classes)
+    if any(p.name == "num_classes" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return "keyword"
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if params and params[0].kind in positional and params[0].default is inspect.Parameter.empty:
+        return "positional"
+    return "none"
+
+
 class ClassificationModule(LightningModule):
-    """Image classifier: ``backbone(num_classes)`` trained with (label-smoothed) cross-entropy.
+    """Image classifier: ``backbone(num_classes=...)`` trained with (label-smoothed) cross-entropy.
 
     Logged (``acc`` as a fraction in [0, 1], ``error`` in percent = 100 (1 - acc)):
     ``train/loss`` (per step and epoch), ``train/acc``, ``train/error``, ``val/loss``,
@@ -150,7 +186,12 @@ class ClassificationModule(LightningModule):
         backbone: builds the network from the number of classes: a backbone class such as
             :class:`maxdrop.models.ResNet18`, a ``functools.partial`` of one (e.g. with
             ``slots=...``), or in YAML a ``class_path``/``init_args`` entry without
-            ``num_classes``. The network maps (N, 3, H, W) images to (N, num_classes) logits.
+            ``num_classes``; ``num_classes`` is passed by keyword where the callable accepts it. Any other
+            classifier: :class:`maxdrop.models.WithSlots` (with maxdrop layers at named positions), or a
+            built ``nn.Module`` (a ``class_path`` of a factory function such as
+            ``torchvision.models.resnet18`` with ``init_args: {num_classes: ...}``). The network maps
+            (N, 3, H, W) images to (N, num_classes) logits; a dry forward at 3x32x32 refuses one with
+            another output width.
         num_classes: number of classes; the CLI links it from the datamodule.
         label_smoothing: cross-entropy label smoothing in [0, 1).
         optimizer: builds the optimizer from the parameters (default: the paper's SGD).
@@ -173,12 +214,12 @@ class ClassificationModule(LightningModule):
         ValueError: bad ``num_classes``, ``label_smoothing`` or ``lr_scheduler_interval``; data
             with another number of classes (checked at setup); a checkpoint whose tensors do not
             fit the model, e.g. one trained for another number of classes (checked on load).
-        TypeError: ``backbone`` is a module instance instead of something that builds one.
+        TypeError: ``backbone`` builds something other than an ``nn.Module``.
     """
 
     def __init__(
         self,
-        backbone: Callable[[int], nn.Module] = ResNet18,
+        backbone: Callable[[int], nn.Module] | dict[str, Any] = ResNet18,
         num_classes: int = 10,
         label_smoothing: float = 0.0,
         optimizer: OptimizerCallable = PAPER_OPTIMIZER,
@@ -197,19 +238,24 @@ class ClassificationModule(LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if lr_scheduler_interval not in (None, "epoch", "step"):
             raise ValueError(f"lr_scheduler_interval must be 'epoch', 'step' or None, got {lr_scheduler_interval!r}")
-        if isinstance(backbone, nn.Module):
-            raise TypeError(
-                "backbone must build the network from num_classes (a class such as maxdrop.models.ResNet18 or a "
-                f"functools.partial of one), got the module instance {type(backbone).__name__}"
-            )
         # Under LightningCLI this records the parsed config (class_path/init_args entries), from which
         # load_from_checkpoint rebuilds the same model, slots included.
-        self.save_hyperparameters()
+        # An nn.Module given in Python is kept out of the hyperparameters (Lightning's advice): then
+        # load_from_checkpoint needs backbone=... again. From the CLI the config entry is recorded.
+        instance = isinstance(backbone, nn.Module) and _given_hyperparameters.get() is None
+        self.save_hyperparameters(ignore=["backbone"] if instance else None)
         self.label_smoothing = float(label_smoothing)
         self.optimizer_factory = _from_spec(optimizer, "optimizer")
         self.lr_scheduler_factory = _from_spec(lr_scheduler, "lr_scheduler")
         self.lr_scheduler_interval = lr_scheduler_interval
-        self.backbone = _from_spec(backbone, "backbone")(num_classes)
+        if isinstance(backbone, nn.Module):
+            # A built network (LightningCLI calls a factory function such as torchvision.models.resnet18
+            # itself): used as it is; only its width can be checked.
+            example = torch.zeros(2, 3, 32, 32)
+            check_output_width(backbone, num_classes, example, f"the backbone {type(backbone).__name__}", strict=False)
+            self.backbone = backbone
+        else:
+            self.backbone = _build_backbone(_from_spec(backbone, "backbone"), num_classes)
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_metrics", self._metrics(stage))
         self.test_ece = MulticlassCalibrationError(self.num_classes, n_bins=15, norm="l1")

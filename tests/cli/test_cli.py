@@ -132,7 +132,7 @@ def test_grid_and_report_are_maxdrop_commands(capsys, tool):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["slots", "torch.nn.Linear"], "not a maxdrop.models.SlottedBackbone"),
+        (["slots", "torch.nn.Linear"], "cannot build torch.nn.Linear with the arguments given"),
         (["slots", "maxdrop.models.NoSuchNet"], "cannot import 'maxdrop.models.NoSuchNet'"),
         (["fit", "--config", "missing.yaml"], "missing.yaml' does not exist (given to --config)"),
     ],

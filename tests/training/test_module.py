@@ -125,8 +125,10 @@ def test_optimizer_and_scheduler_given_as_config_entries():
 
 
 def test_bad_arguments_are_explained():
-    with pytest.raises(TypeError, match="build the network from num_classes"):
-        ClassificationModule(backbone=ResNet18())
+    with pytest.raises(ValueError, match="gives 10 outputs per image but the data has num_classes=100"):
+        ClassificationModule(backbone=ResNet18(width=4), num_classes=100)  # a built network: its width is checked
+    with pytest.raises(TypeError, match="backbone must build an nn.Module, got int"):
+        ClassificationModule(backbone=lambda: 3)
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.5"):
         ClassificationModule(backbone=TINY, label_smoothing=1.5)
     with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):

@@ -1,0 +1,63 @@
+"""WithSlots overhead: the same MaxDropout layers inserted by WithSlots (fx-rewritten graph) vs written into
+the model by hand (ResNet18's own stage slots), forward + backward, timed side by side in one process.
+
+    python benchmarks/with_slots.py [--width 16] [--batch 64] [--steps 30] [--threads 1]
+
+Both models have the same parameters (same seed) and the same four MaxDropout(0.3) layers after the four
+stages; the steps alternate between the two so that machine load hits both alike. Prints the median step
+of each, the ratio, the load average and the thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from maxdrop import MaxDropout
+from maxdrop.models import ResNet18, WithSlots
+
+
+def step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    start = time.perf_counter()
+    F.cross_entropy(net(x), y).backward()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    by_hand = ResNet18(width=args.width, slots={f"stage{s}": MaxDropout(0.3) for s in range(1, 5)})
+    torch.manual_seed(0)
+    stages = {"after": [f"stages.{s}" for s in range(4)], "layer": MaxDropout(0.3)}
+    wrapped = WithSlots(ResNet18(width=args.width), {"stages": stages}, num_classes=10)
+    x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+    times: dict[str, list[float]] = {"by hand": [], "WithSlots": []}
+    for i in range(args.steps + 3):
+        for name, net in (("by hand", by_hand), ("WithSlots", wrapped))[:: 1 if i % 2 else -1]:
+            t = step(net, x, y)
+            if i >= 3:  # warm-up steps
+                times[name].append(t)
+    hand, wrap = (statistics.median(times[k]) for k in ("by hand", "WithSlots"))
+    print(f"ResNet18(width={args.width}), batch {args.batch}, 4 x MaxDropout(0.3), fwd+bwd, median of {args.steps}")
+    print(f"  by hand (ResNet18 slots): {hand * 1e3:8.2f} ms")
+    print(f"  WithSlots (fx rewrite):   {wrap * 1e3:8.2f} ms")
+    print(f"  overhead: {100 * (wrap / hand - 1):+.2f} % of a step")
+    print(
+        f"load average: {' '.join(open('/proc/loadavg').read().split()[:3])}; torch threads: "
+        f"{torch.get_num_threads()}; cores: {os.cpu_count()}"
+    )
+
+
+if __name__ == "__main__":
+    main()
