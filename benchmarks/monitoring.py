@@ -22,6 +22,7 @@ backbone, one PNG grid per slot into TensorBoard), median of 5 writes, as a shar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
 import sys
@@ -93,15 +94,22 @@ class Alternate(pl.Callback):
             self.hook_times.append(HookTimedMonitor.hook_seconds - self._h0)
 
 
+@contextlib.contextmanager
+def _timed(seconds: list[float]):
+    """Append the block's wall time to ``seconds``."""
+    t0 = time.perf_counter()
+    yield
+    seconds.append(time.perf_counter() - t0)
+
+
 class EpochEndTimer(SparsityMonitor):
     """The monitor, timing its end-of-epoch work."""
 
     seconds: list[float] = []
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        t0 = time.perf_counter()
-        super().on_train_epoch_end(trainer, pl_module)
-        self.seconds.append(time.perf_counter() - t0)
+        with _timed(self.seconds):
+            super().on_train_epoch_end(trainer, pl_module)
 
 
 class DropMaskTimer(DropMaskImages):
@@ -110,9 +118,8 @@ class DropMaskTimer(DropMaskImages):
     seconds: list[float] = []
 
     def write(self, trainer, pl_module) -> None:
-        t0 = time.perf_counter()
-        super().write(trainer, pl_module)
-        self.seconds.append(time.perf_counter() - t0)
+        with _timed(self.seconds):
+            super().write(trainer, pl_module)
 
 
 def build_model(config: dict, slots: str) -> pl.LightningModule:

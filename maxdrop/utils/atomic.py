@@ -40,6 +40,17 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _replace_or_remove(tmp: str | os.PathLike, path: Path) -> None:
+    """Rename ``tmp`` over ``path`` and fsync the folder; if the rename fails, remove ``tmp`` and re-raise."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(path.parent)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open ``path`` for writing so that it appears complete or not at all.
@@ -63,12 +74,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_folder(path.parent)
+    _replace_or_remove(tmp, path)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -101,10 +111,4 @@ def atomic_symlink(target: str | os.PathLike, link: str | os.PathLike) -> None:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
         return
-    try:
-        os.replace(tmp, link)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(link.parent)
+    _replace_or_remove(tmp, link)

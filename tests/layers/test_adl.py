@@ -6,6 +6,7 @@ from torch import nn
 
 from maxdrop import ADL, adl
 from maxdrop.layers import adl_drop_mask, adl_importance_map, adl_uses_drop_mask, max_dropout_v2_mask
+from tests.helpers.layers import assert_module_and_function_reject
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -173,10 +174,7 @@ def test_extra_repr():
     ],
 )
 def test_bad_arguments_name_the_value(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        ADL(**kwargs)
-    with pytest.raises(ValueError, match=message):
-        adl(torch.ones(1, 1, 2, 2), **kwargs)
+    assert_module_and_function_reject(ADL, adl, kwargs, message)
 
 
 def test_bad_rank():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from maxdrop import ADL, DualAttentionDropBlock, dual_attention_drop_block
 from maxdrop.layers import adl_drop_mask, cagd_channel_mask, sagd_block_mask
+from tests.helpers.layers import assert_module_and_function_reject
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -160,10 +161,7 @@ def test_extra_repr():
     ],
 )
 def test_bad_arguments_name_the_value(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        DualAttentionDropBlock(**kwargs)
-    with pytest.raises(ValueError, match=message):
-        dual_attention_drop_block(torch.ones(1, 1, 2, 2), **kwargs)
+    assert_module_and_function_reject(DualAttentionDropBlock, dual_attention_drop_block, kwargs, message)
 
 
 def test_bad_rank_and_uniforms_shape():
