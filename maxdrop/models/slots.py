@@ -34,6 +34,19 @@ def positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_slot_layer(layer: object, spec: object, slot: str, owner: str) -> nn.Module:
+    """``layer`` (built from ``spec`` for ``slot`` of the backbone class ``owner``) if it can fill that slot:
+    an nn.Module, and one that needs the targets only in the ``head`` slot (the only one that hands them over)."""
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"slot {slot!r}: {spec!r} built a {type(layer).__name__}, not an nn.Module")
+    if getattr(layer, "needs_targets", False) and slot != "head":
+        raise ValueError(
+            f"slot {slot!r} of {owner}: {type(layer).__name__} needs the targets and the "
+            "classifier, which only the `head` slot hands over; put it in `head`"
+        )
+    return layer
+
+
 class SlottedBackbone(nn.Module):
     """Base class of the backbones with named dropout slots.
 
@@ -86,14 +99,7 @@ class SlottedBackbone(nn.Module):
         if spec is None:
             return nn.Identity()
         layer = copy.deepcopy(spec) if isinstance(spec, nn.Module) else spec()
-        if not isinstance(layer, nn.Module):
-            raise TypeError(f"slot {name!r}: {spec!r} built a {type(layer).__name__}, not an nn.Module")
-        if getattr(layer, "needs_targets", False) and name != "head":
-            raise ValueError(
-                f"slot {name!r} of {type(self).__name__}: {type(layer).__name__} needs the targets and the "
-                "classifier, which only the `head` slot hands over; put it in `head`"
-            )
-        return layer
+        return check_slot_layer(layer, spec, name, type(self).__name__)
 
     @property
     def needs_targets(self) -> bool:

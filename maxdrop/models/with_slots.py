@@ -33,7 +33,7 @@ from maxdrop.models.positions import (
     position_list,
     trace_model,
 )
-from maxdrop.models.slots import SlottedBackbone
+from maxdrop.models.slots import SlottedBackbone, check_slot_layer
 
 __all__ = ["WithSlots", "build_from_spec", "check_output_width"]
 
@@ -234,14 +234,7 @@ class WithSlots(SlottedBackbone):
             layer = spec()
         else:
             raise TypeError(f"slot {slot!r} layer must be a class_path entry, a factory or an nn.Module, got {spec!r}")
-        if not isinstance(layer, nn.Module):
-            raise TypeError(f"slot {slot!r}: {spec!r} built a {type(layer).__name__}, not an nn.Module")
-        if getattr(layer, "needs_targets", False) and slot != "head":
-            raise ValueError(
-                f"slot {slot!r} of WithSlots: {type(layer).__name__} needs the targets and the classifier, which "
-                "only the `head` slot hands over; put it in `head`"
-            )
-        return layer
+        return check_slot_layer(layer, spec, slot, "WithSlots")
 
     def _placements(
         self, specs: dict[str, tuple[list[str], list[str], Any]], names: list[str], classifier: str | None
