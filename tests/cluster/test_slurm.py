@@ -199,7 +199,8 @@ def test_grid_array_runs_its_pairs_and_the_report_reads_them(slurm, job_data, tm
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert report.returncode == 0, report.stderr[-3000:]
-    rows = {r["config"]: r for r in csv.DictReader(open(tmp_path / "r" / "report.csv"))}
+    with open(tmp_path / "r" / "report.csv") as f:
+        rows = {r["config"]: r for r in csv.DictReader(f)}
     assert rows.keys() == {"baseline", "maxdropout"} and rows["maxdropout"]["seeds"] == "1"
 
 

@@ -73,7 +73,8 @@ def test_grid_runs_skips_resumes_and_feeds_the_report(tmp_path, grid_configs, mo
     assert (victim / "checkpoints" / "last.ckpt").stat().st_mtime >= mtime
 
     text = report([root], tmp_path / "report", baseline="baseline")
-    rows = {r["config"]: r for r in csv.DictReader(open(tmp_path / "report" / "report.csv"))}
+    with open(tmp_path / "report" / "report.csv") as f:
+        rows = {r["config"]: r for r in csv.DictReader(f)}
     assert rows["baseline"]["seeds"] == "2" and rows["maxdropout"]["seeds"] == "2"
     assert rows["maxdropout"]["dropped fraction, last epoch"].startswith("stage1 ")
     assert rows["maxdropout"]["test error %, MaxDropout on in eval"] != "-"

@@ -111,7 +111,8 @@ def test_tune_runs_trials_resumes_after_a_kill_and_writes_the_best_config(tmp_pa
     from maxdrop.experiments.report import report
 
     text = report([root / "tiny" / "trials"], tmp_path / "report")  # read like grid runs (--test gave them test/)
-    rows = list(csv.DictReader(open(tmp_path / "report" / "report.csv")))
+    with open(tmp_path / "report" / "report.csv") as f:
+        rows = list(csv.DictReader(f))
     assert sum(int(r["seeds"]) for r in rows) == 3 and "Unfinished" not in text
 
 
