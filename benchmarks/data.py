@@ -117,7 +117,7 @@ def main() -> None:
     step = med["train step (small CNN)"]
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}, data {args.data}")
-    print(load_line("at the end"))
+    print(load_line("at the end", includes_self=True))
     print(f"{'path':<40} {'images/s':>10} {'x train step':>13} {'data share of a step':>21}")
     print(f"{'train step (small CNN)':<40} {step:>10.0f} {1.0:>13.2f} {'':>21}")
     for name in paths:

@@ -80,7 +80,7 @@ def main() -> None:
         f"bf16, batch {args.batch}, compile={not args.no_compile}: "
         f"{meter.images / meter.seconds:,.0f} images/s over epochs 2-{args.epochs}"
     )
-    print(load_line("at the end"))
+    print(load_line("at the end", includes_self=True))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Input: a post-ReLU float32 tensor (default (128, 64, 32, 32)). Prints ms per for
 ``nn.Dropout(0.3)`` and to a direct transcription of the authors' layer, and the peak of live
 CPU memory during one forward+backward, in units of the input's size. ``--only WORD`` times the
 layers whose name contains WORD (case-insensitive) next to the two references. The 1-minute load
-average and torch's thread count are printed with the figures (a warning above 0.5: not quiet).
+average, torch's thread count and the CPU time other processes took while timing are printed
+with the figures (a warning when either says the machine was not quiet).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from maxdrop import ADL, DualAttentionDropBlock, MaxDropout, MaxDropoutV2, TopDropBlock, TopKDropout
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _load import load_line  # noqa: E402
+from _load import OtherWork, load_line  # noqa: E402
 from _memory import PeakHeap  # noqa: E402
 
 REFERENCES = ("nn.Dropout(0.3)", "authors' MaxDropout")
@@ -108,18 +109,20 @@ def main() -> None:
     for m in mods.values():  # warm-up
         step(m, x, grad)
     times: dict[str, list[float]] = {name: [] for name in mods}
-    for _ in range(args.repeats):
-        for name, m in mods.items():
-            t0 = time.perf_counter()
-            step(m, x, grad)
-            times[name].append(time.perf_counter() - t0)
+    with OtherWork() as other:
+        for _ in range(args.repeats):
+            for name, m in mods.items():
+                t0 = time.perf_counter()
+                step(m, x, grad)
+                times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     ref_do, ref_auth = med["nn.Dropout(0.3)"], med["authors' MaxDropout"]
     in_bytes = x.numel() * x.element_size()
     shape = tuple(x.shape)
     print(f"input {shape} float32 post-ReLU, torch {torch.__version__}, {numpy_simd()}, {args.repeats} repeats")
     print(start_load)
-    print(load_line("at the end"))
+    print(load_line("at the end", includes_self=True))
+    print(other.line())
     print(f"{'layer':<30} {'fwd+bwd ms':>10} {'x Dropout':>10} {'x authors':>10} {'peak mem / input':>17}")
     for name, m in mods.items():
         peak = peak_memory(m, x, grad) / in_bytes

@@ -193,7 +193,7 @@ def main() -> None:
         f"batch {batch} float32 CPU, torch {torch.__version__}, threads {torch.get_num_threads()}; "
         f"{len(off)} alternating step pairs"
     )
-    print(load_line("at the end"))
+    print(load_line("at the end", includes_self=True))
     print(f"{'variant':<26} {'step ms (median)':>17}")
     print(f"{'without SparsityMonitor':<26} {med_off:>17.1f}")
     print(f"{'with SparsityMonitor':<26} {med_on:>17.1f}")

@@ -5,21 +5,25 @@ the model by hand (ResNet18's own stage slots), forward + backward, timed side b
 
 Both models have the same parameters (same seed) and the same four MaxDropout(0.3) layers after the four
 stages; the steps alternate between the two so that machine load hits both alike. Prints the median step
-of each, the ratio, the load average and the thread count.
+of each, the ratio, the load at the start, the thread count and other processes' CPU use while timing.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from maxdrop import MaxDropout
 from maxdrop.models import ResNet18, WithSlots
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _load import OtherWork, load_line  # noqa: E402
 
 
 def step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -43,20 +47,20 @@ def main() -> None:
     wrapped = WithSlots(ResNet18(width=args.width), {"stages": stages}, num_classes=10)
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     times: dict[str, list[float]] = {"by hand": [], "WithSlots": []}
-    for i in range(args.steps + 3):
-        for name, net in (("by hand", by_hand), ("WithSlots", wrapped))[:: 1 if i % 2 else -1]:
-            t = step(net, x, y)
-            if i >= 3:  # warm-up steps
-                times[name].append(t)
+    start_load = load_line("at the start")
+    with OtherWork() as other:
+        for i in range(args.steps + 3):
+            for name, net in (("by hand", by_hand), ("WithSlots", wrapped))[:: 1 if i % 2 else -1]:
+                t = step(net, x, y)
+                if i >= 3:  # warm-up steps
+                    times[name].append(t)
     hand, wrap = (statistics.median(times[k]) for k in ("by hand", "WithSlots"))
     print(f"ResNet18(width={args.width}), batch {args.batch}, 4 x MaxDropout(0.3), fwd+bwd, median of {args.steps}")
     print(f"  by hand (ResNet18 slots): {hand * 1e3:8.2f} ms")
     print(f"  WithSlots (fx rewrite):   {wrap * 1e3:8.2f} ms")
     print(f"  overhead: {100 * (wrap / hand - 1):+.2f} % of a step")
-    print(
-        f"load average: {' '.join(open('/proc/loadavg').read().split()[:3])}; torch threads: "
-        f"{torch.get_num_threads()}; cores: {os.cpu_count()}"
-    )
+    print(start_load)
+    print(other.line())
 
 
 if __name__ == "__main__":

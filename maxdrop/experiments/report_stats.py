@@ -8,7 +8,9 @@ augmentation, so two configs' runs of one seed form a pair); Welch's comparison 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,17 +54,47 @@ def compare(reference: Mapping[Any, float], other: Mapping[Any, float], test: st
             return None
         a, b = [other[s] for s in seeds], [reference[s] for s in seeds]
         diffs = [x - y for x, y in zip(a, b, strict=True)]
-        if max(diffs) == min(diffs):  # constant differences: the t statistic is undefined
-            return Comparison(len(seeds), diffs[0], diffs[0], diffs[0], 0.0 if diffs[0] else 1.0)
-        result = stats.ttest_rel(a, b)
+        if _nearly_constant(diffs):  # the t statistic is undefined (or all rounding noise)
+            return _constant(len(seeds), sum(diffs) / len(diffs), [*a, *b])
+        with _one_side_may_be_constant():
+            result = stats.ttest_rel(a, b)
     else:
         a, b = list(other.values()), list(reference.values())
         if len(a) < 2 or len(b) < 2:
             return None
-        result = stats.ttest_ind(a, b, equal_var=False)
+        if _nearly_constant(a) and _nearly_constant(b):
+            return _constant(min(len(a), len(b)), sum(a) / len(a) - sum(b) / len(b), [*a, *b])
+        with _one_side_may_be_constant():
+            result = stats.ttest_ind(a, b, equal_var=False)
     ci = result.confidence_interval(0.95)
     diff = sum(a) / len(a) - sum(b) / len(b)
     return Comparison(min(len(a), len(b)), diff, float(ci.low), float(ci.high), float(result.pvalue))
+
+
+def _rounding(values: Sequence[float]) -> float:
+    return 1e-12 * max(1.0, max(abs(v) for v in values))
+
+
+def _nearly_constant(values: Sequence[float]) -> bool:
+    """All values equal up to float rounding (seeds that gave the same error, or a difference of two
+    such): their spread is noise of the last bits, not a variance a t-test can use."""
+    return max(values) - min(values) <= _rounding(values)
+
+
+def _constant(n: int, diff: float, values: Sequence[float]) -> Comparison:
+    """A difference without spread: certain (p = 0) unless it is itself rounding noise (p = 1)."""
+    if abs(diff) <= _rounding(values):
+        return Comparison(n, 0.0, 0.0, 0.0, 1.0)
+    return Comparison(n, diff, diff, diff, 0.0)
+
+
+@contextlib.contextmanager
+def _one_side_may_be_constant():
+    # scipy warns of "catastrophic cancellation" when one side's values are all equal (its variance
+    # is then exactly 0, which Welch's and the paired test handle); the both-constant case is above.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Precision loss occurred", category=RuntimeWarning)
+        yield
 
 
 def holm(comparisons: Sequence[Comparison | None]) -> list[Comparison | None]:

@@ -189,6 +189,21 @@ def test_paired_comparison_uses_common_seeds_only():
     assert compare({0: 10.0, 1: 12.0}, {1: 13.0, 5: 1.0}, "paired") is None  # one common seed: no test
 
 
+def test_seeds_that_agree_up_to_rounding_give_a_degenerate_comparison_not_a_warning():
+    # Two rows with the same error on every seed up to float rounding (as tiny runs produce): the
+    # differences are rounding noise, not a variance (scipy would warn of catastrophic cancellation).
+    ref = {s: 90.1 for s in range(3)}
+    same = {s: 90.1 + (1e-14 if s == 1 else 0.0) for s in range(3)}
+    for test in ("paired", "welch"):
+        c = compare(ref, same, test)
+        assert c.low == c.high == pytest.approx(0.0, abs=1e-12) and c.p == 1.0
+    shifted = compare(ref, {s: 80.1 for s in range(3)}, "paired")
+    assert shifted.diff == pytest.approx(-10.0) and shifted.p == 0.0
+    # One side constant, the other not: a valid Welch test, silently.
+    c = compare(ref, {0: 80.0, 1: 81.0, 2: 82.0}, "welch")
+    assert c.diff == pytest.approx(-9.1) and 0 < c.p < 0.01
+
+
 def test_versus_adds_a_reference_per_row_with_its_own_holm_family(tmp_path):
     dropout = {"stage1": {"class_path": "torch.nn.Dropout", "init_args": {"p": 0.1}}}
     for seed in range(3):

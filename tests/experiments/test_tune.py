@@ -69,7 +69,7 @@ def test_tune_runs_trials_resumes_after_a_kill_and_writes_the_best_config(tmp_pa
         assert time.time() < deadline and proc.poll() is None, proc.communicate()[0]
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()  # reaps it and closes its pipe
     before = {t.number: (t.state.name, t.value) for t in _load(root).get_trials()}
     assert before[0][0] == "COMPLETE" and before[1][0] == "RUNNING", before
 
