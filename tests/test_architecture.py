@@ -30,10 +30,6 @@ PLACED = {
     "maxdrop.cli": "cli",
     "maxdrop.module": "training",  # re-export: maxdrop.module.ClassificationModule
     "maxdrop.callbacks": "callbacks",
-    # The process-group helper: data and monitoring tear down the group they may have started, as
-    # training does; utils level (it imports nothing of maxdrop) wherever it lives.
-    "maxdrop.distributed": "utils",
-    "maxdrop.training.distributed": "utils",
 }
 
 

@@ -15,7 +15,7 @@ from maxdrop.data.augment import AugmentConfig, apply_batch, image_transform
 from maxdrop.data.cache import default_cache_dir, load_or_decode
 from maxdrop.data.loaders import SUBSET_STREAM, EvalShardSampler, RawBatch, TensorLoader, UInt8Images, derive_seed
 from maxdrop.data.sources import DATASETS, Decoded, check_dataset, find_source
-from maxdrop.training.distributed import destroy_process_group_at_exit
+from maxdrop.utils.distributed import destroy_process_group_at_exit
 
 __all__ = ["LOADERS", "CIFARDataModule", "RawBatch", "TensorLoader"]
 

@@ -39,7 +39,7 @@ from maxdrop.monitoring.sparsity_writing import (
     slot_figures,
     write_histograms,
 )
-from maxdrop.training.distributed import destroy_process_group_at_exit
+from maxdrop.utils.distributed import destroy_process_group_at_exit
 
 __all__ = ["SUMMARY_FORMAT", "SparsityMonitor", "find_dropout_slots", "load_sparsity_summary"]
 

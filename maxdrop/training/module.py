@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from maxdrop.models import ResNet18, WithSlots
 from maxdrop.models.slots import positive_int
 from maxdrop.models.with_slots import check_output_width
-from maxdrop.training.distributed import destroy_process_group_at_exit
+from maxdrop.utils.distributed import destroy_process_group_at_exit
 from maxdrop.training.resume_checks import check_schedule_length, check_state_dict_keys
 from maxdrop.utils.class_paths import import_class_path
 

@@ -52,7 +52,7 @@ def test_without_setup_the_group_outlives_exit_handlers():
 
 
 def test_outside_a_distributed_run_nothing_is_registered(monkeypatch):
-    import maxdrop.training.distributed as md
+    import maxdrop.utils.distributed as md
 
     calls = []
     monkeypatch.setattr(md.atexit, "register", calls.append)
