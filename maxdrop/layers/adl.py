@@ -24,7 +24,7 @@ rule of the official code (junsukchoe/ADL ``ops.py``, TensorFlow; clovaai/wsolev
   here any value >= 1 selects the drop mask.
 - eval: the identity (their ``forward`` returns the input when not training).
 - gradient: neither map is detached, as in their code: in the importance branch the gradient also
-  flows through ``sigmoid(mean(x))`` (computed by :class:`_ImportanceProduct`, equal to autograd's up
+  flows through ``sigmoid(mean(x))`` (computed by ``attention_drop._ImportanceProduct``, equal to autograd's up
   to the order of the additions); the drop mask (a comparison) carries none.
 
 Differences, on purpose: the output keeps the input's dtype (theirs multiplies by a float32 map, so
@@ -46,30 +46,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from maxdrop.layers.base import DropStats, check_fraction, zero_where
+from maxdrop.layers.attention_drop import (
+    AttentionDropLayer,
+    attention_map,
+    check_attention_input,
+    draw_drop_branch,
+    dropped_positions,
+    importance_product,
+)
+from maxdrop.layers.base import check_fraction, zero_where
 
 __all__ = ["ADL", "adl", "adl_drop_mask", "adl_importance_map", "adl_uses_drop_mask"]
-
-
-def _check_input(x: Tensor, name: str = "ADL") -> None:
-    if x.ndim != 4:
-        raise ValueError(f"{name} expects an (N, C, H, W) input, got shape {tuple(x.shape)}")
-
-
-def _attention(x: Tensor) -> Tensor:
-    """(N, 1, H, W) channel mean in the input's dtype (``torch.mean``, as the official code)."""
-    return torch.mean(x, dim=1, keepdim=True)
-
-
-def _dropped_positions(attention: Tensor, drop_threshold: float) -> Tensor:
-    """(N, 1, H, W) bool, True where ``attention >= drop_threshold * per-sample max`` (i.e. not kept)."""
-    n = attention.shape[0]
-    if attention.numel() == 0:
-        return torch.zeros_like(attention, dtype=torch.bool)
-    with torch.no_grad():
-        a = attention.detach()
-        threshold = a.reshape(n, -1).amax(dim=1).reshape(n, 1, 1, 1) * drop_threshold
-        return ~(a < threshold)  # NaN attention compares False: dropped, as their mask gives 0 there
 
 
 def adl_drop_mask(x: Tensor, drop_threshold: float = 0.8) -> Tensor:
@@ -81,14 +68,14 @@ def adl_drop_mask(x: Tensor, drop_threshold: float = 0.8) -> Tensor:
             sample's maximum channel mean are dropped.
     """
     drop_threshold = check_fraction(drop_threshold, "drop_threshold")
-    _check_input(x)
-    return _dropped_positions(_attention(x), drop_threshold)
+    check_attention_input(x, "ADL")
+    return dropped_positions(attention_map(x), drop_threshold)
 
 
 def adl_importance_map(x: Tensor) -> Tensor:
     """ADL's importance map ``sigmoid(mean over channels of x)``, shape (N, 1, H, W), in ``x``'s dtype."""
-    _check_input(x)
-    return torch.sigmoid(_attention(x))
+    check_attention_input(x, "ADL")
+    return torch.sigmoid(attention_map(x))
 
 
 def adl_uses_drop_mask(drop_rate: float, generator: torch.Generator | None = None) -> bool:
@@ -98,47 +85,15 @@ def adl_uses_drop_mask(drop_rate: float, generator: torch.Generator | None = Non
     returns ``floor(u + drop_rate) >= 1`` computed in float32, as the official layer does.
     """
     drop_rate = check_fraction(drop_rate, "drop_rate")
-    return _draw(drop_rate, generator)
-
-
-def _draw(drop_rate: float, generator: torch.Generator | None) -> bool:
-    u = torch.rand([], dtype=torch.float32, generator=generator)  # CPU: no host-device sync
-    return bool((u + drop_rate).floor() >= 1)
-
-
-class _ImportanceProduct(torch.autograd.Function):
-    """``x * sigmoid(mean over channels of x)``: autograd's forward, a leaner backward.
-
-    The forward runs the official ops. Autograd's own backward of that expression holds ``g * s``,
-    ``g * x`` and the expanded mean gradient at full size at once (4 x the input at its peak); here
-    the channel sum of ``g * x`` is reduced first and the result added in place, so at most one
-    full-size temporary lives beside the output. Same gradient, up to the order of the additions.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        s = torch.sigmoid(_attention(x))
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
-        x, s = ctx.saved_tensors
-        # d/dx_c of x_c' * sigmoid(mean(x)): s on the diagonal, plus sum_c' g x_c' * s (1 - s) / C
-        through_attention = (g * x).sum(dim=1, keepdim=True) * (s * (1 - s)) / x.shape[1]
-        return (g * s).add_(through_attention)
-
-
-def _importance_product(x: Tensor) -> Tensor:
-    return _ImportanceProduct.apply(x)
+    return draw_drop_branch(drop_rate, generator)
 
 
 def _apply(x: Tensor, drop_threshold: float, use_drop: bool) -> tuple[Tensor, Tensor | None]:
     """(output, dropped positions or None in the importance branch) for a validated 4-dim ``x``."""
     if use_drop:
-        dropped = _dropped_positions(_attention(x), drop_threshold)
+        dropped = dropped_positions(attention_map(x), drop_threshold)
         return zero_where(x, dropped), dropped
-    return _importance_product(x), None
+    return importance_product(x), None
 
 
 def adl(
@@ -163,13 +118,13 @@ def adl(
     """
     drop_rate = check_fraction(drop_rate, "drop_rate")
     drop_threshold = check_fraction(drop_threshold, "drop_threshold")
-    _check_input(x)
+    check_attention_input(x, "ADL")
     if not training:
         return x
-    return _apply(x, drop_threshold, _draw(drop_rate, generator))[0]
+    return _apply(x, drop_threshold, draw_drop_branch(drop_rate, generator))[0]
 
 
-class ADL(DropStats):
+class ADL(AttentionDropLayer):
     """Attention-based Dropout Layer (Choe and Shim, CVPR 2019) for (N, C, H, W) feature maps.
 
     Each training forward draws one number: with probability ``drop_rate`` the positions whose
@@ -199,28 +154,16 @@ class ADL(DropStats):
         active_in_eval: bool = False,
         track_stats: bool = True,
     ) -> None:
-        super().__init__()
-        self.drop_rate = check_fraction(drop_rate, "drop_rate")
+        super().__init__(drop_rate, active_in_eval, track_stats)
         self.drop_threshold = check_fraction(drop_threshold, "drop_threshold")
-        self.active_in_eval = bool(active_in_eval)
-        self.track_stats = bool(track_stats)
-        self.last_used_drop_mask: bool | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training or self.active_in_eval):
-            return x
-        _check_input(x)
-        use_drop = _draw(self.drop_rate, None)
+    def branch(self, x: Tensor, use_drop: bool, count: bool) -> tuple[Tensor, Tensor | None]:
         y, dropped = _apply(x, self.drop_threshold, use_drop)
-        if self.training:
-            self.last_used_drop_mask = use_drop
-            if self.track_stats:
-                count = torch.zeros((), dtype=torch.int64, device=x.device)
-                if dropped is not None:
-                    count = torch.count_nonzero(dropped) * x.shape[1]
-                self._record(count, x.numel())
-        return y
+        if not count:
+            return y, None
+        if dropped is None:  # the importance map zeroes nothing
+            return y, torch.zeros((), dtype=torch.int64, device=x.device)
+        return y, torch.count_nonzero(dropped) * x.shape[1]
 
     def extra_repr(self) -> str:
-        s = f"drop_rate={self.drop_rate}, drop_threshold={self.drop_threshold}"
-        return s + (", active_in_eval=True" if self.active_in_eval else "")
+        return f"drop_rate={self.drop_rate}, drop_threshold={self.drop_threshold}" + self._eval_repr()

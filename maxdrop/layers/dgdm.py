@@ -55,8 +55,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maxdrop.layers.adl import _attention, _check_input, _draw, _dropped_positions, _importance_product
-from maxdrop.layers.base import DropStats, check_fraction, zero_where
+from maxdrop.layers.attention_drop import (
+    AttentionDropLayer,
+    attention_map,
+    check_attention_input,
+    draw_drop_branch,
+    dropped_positions,
+    importance_product,
+)
+from maxdrop.layers.base import check_fraction, zero_where
 
 __all__ = ["DualAttentionDropBlock", "cagd_channel_mask", "dual_attention_drop_block", "sagd_block_mask"]
 
@@ -86,7 +93,7 @@ def _channel_mask(x: Tensor, top_k_ratio: float, channel_drop_rate: float, unifo
 
 
 def _block_mask(attention: Tensor, drop_threshold: float, block_size: int) -> Tensor:
-    seeds = _dropped_positions(attention, drop_threshold)
+    seeds = dropped_positions(attention, drop_threshold)
     if block_size == 1 or seeds.numel() == 0:
         return seeds
     # max pooling of 0/1 dilates: a position is erased when a seed lies within block_size // 2 of it
@@ -108,7 +115,7 @@ def cagd_channel_mask(
     """
     top_k_ratio = check_fraction(top_k_ratio, "top_k_ratio")
     channel_drop_rate = check_fraction(channel_drop_rate, "channel_drop_rate")
-    _check_input(x, _NAME)
+    check_attention_input(x, _NAME)
     if uniforms is None:
         uniforms = torch.rand(x.shape[:2])
     if tuple(uniforms.shape) != tuple(x.shape[:2]):
@@ -120,8 +127,8 @@ def sagd_block_mask(x: Tensor, drop_threshold: float = 0.8, block_size: int = 3)
     """SAGD's block mask, bool (N, 1, H, W): True = position erased in every channel (drop branch)."""
     drop_threshold = check_fraction(drop_threshold, "drop_threshold")
     block_size = _check_block_size(block_size)
-    _check_input(x, _NAME)
-    return _block_mask(_attention(x), drop_threshold, block_size)
+    check_attention_input(x, _NAME)
+    return _block_mask(attention_map(x), drop_threshold, block_size)
 
 
 def _apply(
@@ -131,15 +138,15 @@ def _apply(
     top_k_ratio, channel_drop_rate, drop_threshold, block_size = args
     channels = _channel_mask(x, top_k_ratio, channel_drop_rate, uniforms)
     if use_drop:
-        blocks = _block_mask(_attention(x), drop_threshold, block_size)
+        blocks = _block_mask(attention_map(x), drop_threshold, block_size)
         return zero_where(x, channels | blocks), channels, blocks
     # in place: the product is a fresh tensor that its backward does not read
-    return _importance_product(x).masked_fill_(channels, 0), channels, None
+    return importance_product(x).masked_fill_(channels, 0), channels, None
 
 
 def _draws(drop_rate: float, shape: torch.Size, generator: torch.Generator | None) -> tuple[bool, Tensor]:
-    use_drop = _draw(drop_rate, generator)
-    return use_drop, torch.rand(shape[:2], generator=generator)
+    use_drop = draw_drop_branch(drop_rate, generator)
+    return use_drop, torch.rand(shape[:2], generator=generator)  # after the branch draw, as in forward
 
 
 def dual_attention_drop_block(
@@ -157,17 +164,15 @@ def dual_attention_drop_block(
     Args:
         x: input of shape (N, C, H, W), any float dtype.
         top_k_ratio, channel_drop_rate: CAGD's candidates and their drop probability, in [0, 1].
-        drop_rate: probability in [0, 1] of SAGD's block-erasing branch (else the importance map).
-        drop_threshold: in [0, 1], relative to each sample's maximum of the channel-mean map.
         block_size: odd edge of the square erased around each seed.
-        training: when False, returns ``x`` unchanged (and draws nothing).
-        generator: CPU generator of all draws; None = torch's default generator.
+        drop_rate, drop_threshold, training, generator: as for :func:`~maxdrop.layers.adl.adl`; the
+            drop branch erases SAGD's blocks, and the generator also draws CAGD's (N, C) numbers.
 
     Returns:
         Tensor of the same shape and dtype as ``x``.
     """
     args = _check_args(top_k_ratio, channel_drop_rate, drop_rate, drop_threshold, block_size)
-    _check_input(x, _NAME)
+    check_attention_input(x, _NAME)
     if not training:
         return x
     use_drop, uniforms = _draws(args[2], x.shape, generator)
@@ -186,7 +191,7 @@ def _check_args(
     )
 
 
-class DualAttentionDropBlock(DropStats):
+class DualAttentionDropBlock(AttentionDropLayer):
     """DGDM (Yin et al., ICPR 2020): channel-attention guided dropout + spatial-attention guided dropblock.
 
     Args:
@@ -215,32 +220,21 @@ class DualAttentionDropBlock(DropStats):
         active_in_eval: bool = False,
         track_stats: bool = True,
     ) -> None:
-        super().__init__()
         args = _check_args(top_k_ratio, channel_drop_rate, drop_rate, drop_threshold, block_size)
-        self.top_k_ratio, self.channel_drop_rate, self.drop_rate, self.drop_threshold, self.block_size = args
-        self.active_in_eval = bool(active_in_eval)
-        self.track_stats = bool(track_stats)
-        self.last_used_drop_mask: bool | None = None
+        super().__init__(drop_rate, active_in_eval, track_stats)
+        self.top_k_ratio, self.channel_drop_rate, _, self.drop_threshold, self.block_size = args
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training or self.active_in_eval):
-            return x
-        _check_input(x, _NAME)
-        use_drop, uniforms = _draws(self.drop_rate, x.shape, None)
+    def branch(self, x: Tensor, use_drop: bool, count: bool) -> tuple[Tensor, Tensor | None]:
+        uniforms = torch.rand(x.shape[:2])  # CAGD's draws come after the branch draw
         args = (self.top_k_ratio, self.channel_drop_rate, self.drop_threshold, self.block_size)
         y, channels, blocks = _apply(x, args, use_drop, uniforms)
-        if self.training:
-            self.last_used_drop_mask = use_drop
-            if self.track_stats:
-                self._record(_count(x, channels, blocks), x.numel())
-        return y
+        return y, (_count(x, channels, blocks) if count else None)
 
     def extra_repr(self) -> str:
-        s = (
+        return (
             f"top_k_ratio={self.top_k_ratio}, channel_drop_rate={self.channel_drop_rate}, "
             f"drop_rate={self.drop_rate}, drop_threshold={self.drop_threshold}, block_size={self.block_size}"
-        )
-        return s + (", active_in_eval=True" if self.active_in_eval else "")
+        ) + self._eval_repr()
 
 
 def _count(x: Tensor, channels: Tensor, blocks: Tensor | None) -> Tensor:
