@@ -28,9 +28,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from maxdrop.models import ResNet18, WithSlots
 from maxdrop.models.slots import positive_int
 from maxdrop.models.with_slots import check_output_width
-from maxdrop.utils.distributed import destroy_process_group_at_exit
 from maxdrop.training.resume_checks import check_schedule_length, check_state_dict_keys
 from maxdrop.utils.class_paths import import_class_path
+from maxdrop.utils.distributed import destroy_process_group_at_exit
 
 RNG_KEY = "maxdrop_rng_states"
 
