@@ -37,6 +37,7 @@ from maxdrop.monitoring.sparsity_writing import (
     load_sparsity_summary,
     log_figures,
     slot_figures,
+    slot_totals,
     write_histograms,
 )
 from maxdrop.utils.distributed import destroy_process_group_at_exit
@@ -69,6 +70,9 @@ class SparsityMonitor(pl.Callback):
       ``|x|`` entering), written by rank 0 to TensorBoard.
     - ``maxdrop/<slot>/nonfinite``: training batches in which a NaN or an infinity entered the slot
       (counted, never raised on; the histograms skip such channels).
+    - a slot that fills several positions (``block.0`` ... ``block.11`` of a WideResNet, ``stages.0``
+      ... of a ``WithSlots`` slot) is reported per position and as a total, ``maxdrop/<slot>/...``,
+      summed over its positions (the epoch figures; histograms and step values stay per position).
     - with ``log_every_n_batches=N``: ``maxdrop_step/<slot>/dropped_fraction``, ``zero_in`` and
       ``zero_out`` over the last N training batches of all ranks.
 
@@ -227,6 +231,13 @@ class SparsityMonitor(pl.Callback):
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         return max(step - 1, 0) if train_epoch_end else step
 
+    def _figures(self, names: list[str], scalars: Tensor) -> dict[str, dict[str, Any]]:
+        """Each slot's figures from the reduced rows, then each multi-position slot's total."""
+        figures = {name: slot_figures(scalars[i], self._layer_counted[name]) for i, name in enumerate(names)}
+        for total, rows in slot_totals(names, self._layer_counted).items():
+            figures[total] = slot_figures(scalars[rows].sum(0), self._layer_counted[names[rows[0]]])
+        return figures
+
     def _write_epoch(self, trainer: pl.Trainer, step: int, fields: dict[str, dict[str, Any]]) -> None:
         metrics = {
             f"maxdrop/{name}/{key}": float(value)
@@ -306,8 +317,7 @@ class SparsityMonitor(pl.Callback):
         scalars, per = reduce_sums(trainer, names, self._sums("train"), per_channel=self.histograms)
         step = self._step(trainer, train_epoch_end=True)
         fields: dict[str, dict[str, Any]] = {}
-        for i, name in enumerate(names):
-            fig = slot_figures(scalars[i], self._layer_counted[name])
+        for name, fig in self._figures(names, scalars).items():
             fig["train_zero_in"], fig["train_zero_out"] = fig.pop("zero_in"), fig.pop("zero_out")
             fields[name] = {key: fig[key] for key in _EPOCH_KEYS}
         self._write_epoch(trainer, step, fields)
@@ -339,9 +349,9 @@ class SparsityMonitor(pl.Callback):
             return
         names = list(self._slots)
         scalars, _ = reduce_sums(trainer, names, self._sums("val"), per_channel=False)
-        fields = {}
-        for i, name in enumerate(names):
-            fig = slot_figures(scalars[i], self._layer_counted[name])
-            fields[name] = {"val_zero_in": fig["zero_in"], "val_zero_out": fig["zero_out"]}
+        fields = {
+            name: {"val_zero_in": fig["zero_in"], "val_zero_out": fig["zero_out"]}
+            for name, fig in self._figures(names, scalars).items()
+        }
         self._write_epoch(trainer, self._step(trainer), fields)
         self._acc["val"] = {}

@@ -17,7 +17,14 @@ from torch import Tensor, nn
 from maxdrop.monitoring.sparsity_reduce import DROPPED, NONFINITE, NUMEL_IN, NUMEL_OUT, NZ_IN, NZ_OUT, SEEN
 from maxdrop.utils.atomic import atomic_write_text
 
-__all__ = ["RECORD_FIELDS", "SUMMARY_FORMAT", "SummaryFile", "load_sparsity_summary", "slot_figures"]
+__all__ = [
+    "RECORD_FIELDS",
+    "SUMMARY_FORMAT",
+    "SummaryFile",
+    "load_sparsity_summary",
+    "slot_figures",
+    "slot_totals",
+]
 
 #: ``format`` field of the summary file; bumped when its layout changes (new fields do not).
 SUMMARY_FORMAT = "maxdrop-sparsity/1"
@@ -52,6 +59,25 @@ def slot_figures(row: Tensor, layer_counted: bool) -> dict[str, Any]:
         "zero_in": _fraction(numel_in - nz_in, numel_in),
         "zero_out": _fraction(numel_out - nz_out, numel_out),
         "nonfinite": int(row[NONFINITE]),
+    }
+
+
+def slot_totals(names: list[str], layer_counted: dict[str, bool]) -> dict[str, list[int]]:
+    """Slots that fill several positions -> the row indices of their positions in ``names``.
+
+    A slot with positions is reported per position as ``<slot>.<i>`` (``block.0``, ``stages.3``);
+    its total sums their rows (every column is a count, so the sum is exact). Only where all
+    positions count alike (all by the layer, or all by hooks) and no slot is named ``<slot>``.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        slot, _, index = name.rpartition(".")
+        if slot and index.isdigit():
+            groups.setdefault(slot, []).append(i)
+    return {
+        slot: rows
+        for slot, rows in groups.items()
+        if len(rows) > 1 and slot not in names and len({layer_counted[names[i]] for i in rows}) == 1
     }
 
 
@@ -140,6 +166,7 @@ class SummaryFile:
                 }
                 for name, layer in slots.items()
             },
+            "totals": {total: [order[i] for i in rows] for total, rows in slot_totals(order, layer_counted).items()},
             "records": [self.records[k] for k in sorted(self.records, key=key)],
         }
         # Atomic: readers see the old file or the new one, never a half-written one.
@@ -154,9 +181,11 @@ def load_sparsity_summary(path: str | os.PathLike) -> dict[str, Any]:
 
     Returns:
         ``{"format", "world_size", "slots": {slot: {"class", "repr", "dropped_counted_by"}},
-        "records": [{"epoch", "step", "slot", "dropped", "seen", "dropped_fraction", "train_zero_in",
-        "train_zero_out", "val_zero_in", "val_zero_out", "nonfinite"}, ...]}``, one record per epoch
-        and slot (``nonfinite`` is absent from files of older versions).
+        "totals": {slot: [its positions]}, "records": [{"epoch", "step", "slot", "dropped", "seen",
+        "dropped_fraction", "train_zero_in", "train_zero_out", "val_zero_in", "val_zero_out",
+        "nonfinite"}, ...]}``, one record per epoch and slot, and per epoch and total of a slot
+        with several positions (``slot`` then names the total; ``nonfinite`` and ``totals`` are
+        absent from files of older versions).
 
     Raises:
         FileNotFoundError: no such file.

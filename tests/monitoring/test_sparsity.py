@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
@@ -565,8 +566,20 @@ def test_real_backbones_every_slot_matches_independent_counts(tmp_path, backbone
     trainer.fit(module, images(8, 0), images(4, 1))
     summary = load_sparsity_summary(tmp_path / "version_0")
     assert list(summary["slots"]) == list(module.backbone.dropout_slots())  # full names, forward order
+    # A slot with several positions (WRN's block.0 ... block.2) is also reported as its total.
+    totals, expected = summary["totals"], {}
+    for name in summary["slots"]:
+        if re.fullmatch(r"block\.\d+", name):
+            expected.setdefault("block", []).append(name)
+    assert totals == expected and (expected or "block" not in str(list(summary["slots"])))
+    assert {r["slot"] for r in summary["records"]} == {*summary["slots"], *totals}
+
+    def counted(phase: str, slot: str) -> dict[str, int]:
+        parts = [module.counts[(phase, 0, s)] for s in totals.get(slot, [slot])]
+        return {k: sum(c[k] for c in parts) for k in parts[0]}
+
     for rec in summary["records"]:
-        tr, va = module.counts[("train", 0, rec["slot"])], module.counts[("val", 0, rec["slot"])]
+        tr, va = counted("train", rec["slot"]), counted("val", rec["slot"])
         assert (rec["dropped"], rec["seen"]) == (tr["dropped"], tr["seen"]), rec["slot"]
         assert rec["train_zero_out"] == pytest.approx(tr["zero_out"] / tr["numel"])
         assert rec["val_zero_in"] == pytest.approx(va["zero_in"] / va["numel"])
