@@ -28,9 +28,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import re
 import sys
-import textwrap
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -39,16 +37,14 @@ from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import torch
-import yaml
-from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from maxdrop.models.slots import SlottedBackbone
+from maxdrop.cli.errors import INPUT_ERRORS, PROG, RunFailed, UsageError, one_paragraph, report, simplify, usage_error
+from maxdrop.cli.slots_command import slots_main
 from maxdrop.monitoring.drop_masks import DropMaskImages
 from maxdrop.monitoring.hparams import HParamsSession
 from maxdrop.monitoring.tensorboard_layout import CustomScalarsLayout
@@ -57,11 +53,9 @@ from maxdrop.training.divergence import DivergenceGuard, TrainingDiverged
 from maxdrop.training.module import ClassificationModule
 from maxdrop.training.prediction_writer import PredictionWriter
 from maxdrop.training.requeue import SlurmRequeue, resumes_from_hpc_checkpoint
-from maxdrop.utils.class_paths import import_class_path
 
 __all__ = ["LastAndBestCheckpoint", "MaxdropCLI", "PredictionWriter", "UsageError", "main"]
 
-PROG = "maxdrop"
 DESCRIPTION = (
     "Train and evaluate CIFAR classifiers with MaxDropout and its peers in config-chosen dropout slots. "
     "Besides fit/validate/test/predict: `maxdrop slots <backbone class>` lists a backbone's slots, "
@@ -70,86 +64,10 @@ DESCRIPTION = (
 )
 #: Commands that are not LightningCLI subcommands: name -> module whose main(argv) -> exit status runs it.
 TOOLS = {"grid": "maxdrop.experiments.grid", "report": "maxdrop.experiments.report", "tune": "maxdrop.experiments.tune"}
-#: The errors that bad input raises before the run starts (from our classes, Lightning, jsonargparse and the
-#: OS): reported as one paragraph. Once the run has started nothing is treated as input (see RunFailed).
-INPUT_ERRORS = (ValueError, TypeError, KeyError, ImportError, OSError, MisconfigurationException)
 #: Run failures whose message says all there is to say (where, why, what to do): no traceback.
 DIAGNOSED_FAILURES = (TrainingDiverged, CheckpointWriteError)
 #: Callbacks that only write to a logger: without one they step aside (Lightning's raise instead).
 LOGGER_ONLY_CALLBACKS = (LearningRateMonitor, DeviceStatsMonitor, CustomScalarsLayout, HParamsSession, DropMaskImages)
-
-
-class UsageError(Exception):
-    """Bad command-line input, reported as one paragraph and exit status 2."""
-
-
-class RunFailed(Exception):
-    """An exception (its ``__cause__``) raised after the run started: exit status 1 with its traceback."""
-
-
-def _one_paragraph(message: str, limit: int = 1200) -> str:
-    """Collapse a (possibly nested, multi-line) error message into one line of at most ``limit`` chars."""
-    text = re.sub(r"\s+", " ", str(message)).strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# Lines of jsonargparse's nested messages that only restate the types tried and the value given.
-_NOISE = re.compile(
-    r"^\s*(-\s*)?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value"
-    r"|Expected a <class 'NoneType'>|Expected a <class 'dict'>|Expected a path but)"
-)
-
-
-def _simplify(message: str) -> str:
-    """The part of a jsonargparse error message that says what is wrong."""
-    missing = re.search(r"File does not exist: '?([^'\n]+)'?", message)
-    if missing and 'key "config"' in message:
-        return f"config file '{missing.group(1)}' does not exist (given to --config)"
-    lines = [line for line in str(message).splitlines() if not _NOISE.match(line)]
-    text = " ".join(lines)
-    given = re.search(r"Given value: ([\w.]+)\n", str(message))  # the backbone's union type reports it so
-    unknown = re.search(r"(module '[\w.]+' has no attribute '\w+'|No module named '[\w.]+')\.? Got value: (.+)$", text)
-    if unknown is None and given:
-        unknown = re.search(r"(module '[\w.]+' has no attribute '\w+'|No module named '[\w.]+')\.?()", text)
-    if unknown:
-        value = re.search(r"class_path='([^']+)'", unknown.group(2))
-        where = ".".join(re.findall(r'Parser key "([^"]+)"', text))
-        name = value.group(1) if value else (unknown.group(2).strip() or (given.group(1) if given else ""))
-        return f"unknown class_path {name!r} (in {where}): {unknown.group(1)}"
-    return text
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    """The innermost exception of a chain (jsonargparse re-raises a class's own error inside its own); a
-    UsageError is the message we built for the user and is kept, whatever caused it."""
-    while not isinstance(err, UsageError) and isinstance(err.__cause__, (UsageError, *INPUT_ERRORS)):
-        err = err.__cause__
-    return err
-
-
-def _usage_error(err: BaseException) -> UsageError:
-    """Bad input found before the run started, as the one paragraph that says what is wrong."""
-    cause = _root_cause(err)
-    if isinstance(cause, UsageError):
-        return cause
-    return UsageError(str(cause) if isinstance(cause, ValueError) else f"{type(cause).__name__}: {cause}")
-
-
-def _report(message: str, status: int = 2, hint: str | None = None) -> NoReturn:
-    """One paragraph on stderr, then exit: status 2 for bad input, 1 for a run that failed."""
-    wrapped = textwrap.fill(
-        _one_paragraph(message),
-        width=100,
-        initial_indent=f"{PROG}: error: ",
-        subsequent_indent="  ",
-        break_on_hyphens=False,  # paths and options stay whole, so they can be copied
-        break_long_words=False,
-    )
-    if hint is None:
-        hint = f"`{PROG} --help` lists the options; " if status == 2 else ""
-        hint += "MAXDROP_DEBUG=1 shows the traceback"
-    sys.stderr.write(wrapped + (f"\n  ({hint})\n" if hint else "\n"))
-    raise SystemExit(status)
 
 
 def quiet_lightning() -> None:
@@ -194,7 +112,7 @@ class MaxdropArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if os.environ.get("MAXDROP_DEBUG") or not self.exit_on_error:
             super().error(message, ex)
-        _report(_simplify(message))
+        report(simplify(message))
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -318,7 +236,7 @@ class MaxdropCLI(LightningCLI):
                 raise
             if phase is None or not phase.started:  # still checking the input: setup, checkpoint, optimizers
                 if isinstance(err, INPUT_ERRORS):
-                    raise _usage_error(err) from err
+                    raise usage_error(err) from err
                 raise
             raise RunFailed(self._failure_summary(err)) from err
 
@@ -334,7 +252,7 @@ class MaxdropCLI(LightningCLI):
         )
         return (
             f"the run failed at step {trainer.global_step} (epoch {trainer.current_epoch}) with "
-            f"{type(err).__name__}: {_one_paragraph(err, 400)}; the traceback above shows where. {resume}"
+            f"{type(err).__name__}: {one_paragraph(err, 400)}; the traceback above shows where. {resume}"
         )
 
     def _parse_ckpt_path(self) -> None:
@@ -350,138 +268,18 @@ class MaxdropCLI(LightningCLI):
             except Exception as err:  # noqa: BLE001 (any failure to load means the file is unusable)
                 raise UsageError(
                     f"checkpoint {ckpt_path!r} cannot be loaded: it is not a valid Lightning checkpoint or is "
-                    f"truncated or corrupt ({type(err).__name__}: {_one_paragraph(err, 300)})"
+                    f"truncated or corrupt ({type(err).__name__}: {one_paragraph(err, 300)})"
                 ) from err
         try:
             super()._parse_ckpt_path()  # reads the checkpoint's hyperparameters
         except INPUT_ERRORS as err:
-            raise _usage_error(err) from err
+            raise usage_error(err) from err
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except INPUT_ERRORS as err:  # a class refusing its arguments, a missing data path, ...
-            raise _usage_error(err) from err
-
-
-def _import(path: str) -> Any:
-    try:
-        return import_class_path(path)
-    except ImportError as err:
-        raise UsageError(f"{err}; give a full path such as maxdrop.models.ResNet18") from err
-
-
-def _option_values(argv: Sequence[str]) -> dict[str, Any]:
-    """``--key value`` pairs -> {key: YAML-parsed value}."""
-    out: dict[str, Any] = {}
-    it = iter(argv)
-    for key in it:
-        if not key.startswith("--"):
-            raise UsageError(f"expected --NAME VALUE, got {key!r}")
-        name, _, value = key[2:].partition("=")
-        if not _:
-            value = next(it, None)
-            if value is None:
-                raise UsageError(f"option {key} needs a value")
-        out[name] = yaml.safe_load(value)
-    return out
-
-
-def _print_any_model(spec: dict[str, Any], input_size: Sequence[int]) -> None:
-    """Every position of any model (a WithSlots spec marks the filled ones)."""
-    from maxdrop.models.positions import format_positions, model_positions
-    from maxdrop.models.with_slots import WithSlots, build_from_spec
-
-    cls = _import(spec["class_path"])
-    init = dict(spec.get("init_args") or {})
-    filled: dict[str, str] = {}
-    if cls is WithSlots:
-        wrapped = WithSlots(**init)
-        input_size = wrapped.input_size
-        for name, where in wrapped.slot_positions().items():
-            filled[where.partition(" ")[2]] = f"{name} ({where.partition(' ')[0]})"
-        spec, init = init["model"], {}
-        cls = None
-    name = spec["class_path"] if isinstance(spec, dict) else type(spec).__name__
-    try:
-        model = build_from_spec(spec, "the model")
-    except (ValueError, TypeError) as err:
-        raise UsageError(
-            f"cannot build {name} with the arguments given ({err}); give them as --NAME VALUE, e.g. "
-            f"`{PROG} slots torchvision.models.resnet18 --num_classes 10`"
-        ) from None  # the message says it all; the cause would replace it (see _root_cause)
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"{name} built a {type(model).__name__}, not an nn.Module: it has no positions to list")
-    try:
-        positions, traced = model_positions(model, torch.zeros(2, *input_size))
-    except RuntimeError as err:
-        raise UsageError(
-            f"a dry forward of {name} on a batch of {'x'.join(map(str, input_size))} inputs fails ({err}); give "
-            "the input size it takes as --input_size C H W"
-        ) from err
-    how = (
-        "torch.fx graph nodes, named as torchvision's get_graph_node_names names them"
-        if traced
-        else "module boundaries (the model does not trace with torch.fx)"
-    )
-    print(
-        f"{spec['class_path'] if isinstance(spec, dict) else type(model).__name__}: {len(positions)} positions "
-        f"({how}); output shapes per image at input {'x'.join(map(str, input_size))}\n"
-    )
-    print(format_positions(positions, filled))
-
-
-def slots_main(argv: Sequence[str]) -> None:
-    """``maxdrop slots CLASS_OR_CONFIG [--init_arg VALUE ...]``: a backbone's slots, or any model's positions."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(
-            f"usage: {PROG} slots BACKBONE_CLASS|MODEL_CLASS_PATH|CONFIG.yaml [--ARG VALUE ...]\n\n"
-            "Lists the dropout slots of a maxdrop backbone (name: where it sits) and the full name of every\n"
-            "slot position, built with its default arguments or the ones given; for any other model (a class or\n"
-            "factory function, or the backbone of a config, e.g. a maxdrop.models.WithSlots) every position in\n"
-            "forward order with its type, output shape (dry forward, --input_size, default 3 32 32) and calls, e.g.\n"
-            f"  {PROG} slots maxdrop.models.ResNet18\n  {PROG} slots maxdrop.models.WideResNet --depth 16\n"
-            f"  {PROG} slots torchvision.models.resnet18 --num_classes 10\n"
-            f"  {PROG} slots configs/any/resnet18_torchvision_maxdropout.yaml"
-        )
-        return
-    target, options = argv[0], _option_values(argv[1:])
-    input_size = options.pop("input_size", (3, 32, 32))
-    if target.endswith((".yaml", ".yml")):
-        path = Path(target)
-        if not path.is_file():
-            raise UsageError(f"config file {target!r} does not exist")
-        config = yaml.safe_load(path.read_text()) or {}
-        spec = (config.get("model") or {}).get("init_args", {}).get("backbone")
-        if not isinstance(spec, dict) or "class_path" not in spec:
-            raise UsageError(f"{target} has no model.init_args.backbone with a class_path")
-        return _print_any_model(spec, input_size)
-    cls = _import(target)
-    from maxdrop.models.with_slots import WithSlots
-
-    if not (isinstance(cls, type) and issubclass(cls, SlottedBackbone)) or cls is WithSlots:
-        return _print_any_model({"class_path": target, "init_args": options}, input_size)
-    parser = ArgumentParser(prog=f"{PROG} slots {target}", exit_on_error=False)
-    parser.add_class_arguments(cls, skip={"slots"})
-    try:
-        cfg = parser.parse_args(list(argv[1:]))
-    except Exception as err:  # noqa: BLE001 (jsonargparse's ArgumentError)
-        raise UsageError(str(err)) from err
-    init = {k: v for k, v in cfg.as_dict().items() if k != "__path__"}
-    try:
-        model = cls(**init)
-    except INPUT_ERRORS as err:
-        raise _usage_error(err) from err
-    args = ", ".join(f"{k}={v!r}" for k, v in init.items())
-    print(f"{target}({args})\n\nslots (fill with `slots: {{<name>: {{class_path: ...}}}}`):")
-    width = max(map(len, cls.SLOTS))
-    for name, where in cls.SLOTS.items():
-        print(f"  {name:<{width}}  {where}")
-    print("\nslot positions in forward order (the names that dropout_slots() and SparsityMonitor use):")
-    positions = model.slot_positions()
-    width = max(map(len, positions))
-    for name, where in positions.items():
-        print(f"  {name:<{width}}  {where}")
+            raise usage_error(err) from err
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -498,11 +296,11 @@ def main(args: Sequence[str] | None = None) -> None:
         err = failed.__cause__
         if not isinstance(err, DIAGNOSED_FAILURES):  # a crash: the traceback is what a developer needs
             traceback.print_exception(err)
-        _report(str(failed), status=1, hint="")
+        report(str(failed), status=1, hint="")
     except UsageError as err:  # bad input, found before the run started (RunFailed wraps the rest)
         if os.environ.get("MAXDROP_DEBUG"):
             raise
-        _report(str(err))
+        report(str(err))
 
 
 if __name__ == "__main__":
