@@ -11,9 +11,8 @@ from maxdrop import TopKDropout
 from maxdrop.callbacks import load_sparsity_summary
 from maxdrop.cli import MaxdropCLI
 from tests.helpers.data import tiny_run_config
-from tests.layers.test_top_drop_block import top_drop_block_reference
-from tests.layers.test_top_k_dropout import topk_reference
-from tests.monitoring.test_sparsity import RecordedClassifier
+from tests.helpers.monitoring import RecordedClassifier
+from tests.helpers.references import top_drop_block_reference, topk_reference
 
 
 class TopRecordedClassifier(RecordedClassifier):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from tests.helpers.data import tiny_run_config
+from tests.helpers.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # CLI subprocesses load tests.helpers.cluster by class path
 
@@ -64,12 +64,6 @@ def _ok(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
@@ -96,7 +90,7 @@ def test_resume_is_bitwise_exact(tmp_path, tiny_tree):
 def test_two_nodes_train_on_disjoint_shards_and_monitoring_covers_both(tmp_path, tiny_tree):
     """Two processes with NODE_RANK 0 and 1, num_nodes=2, devices=1, on 127.0.0.1 over gloo."""
     cfg = _config(tmp_path, tiny_tree, "{crop_padding: 0, hflip: false, normalize: false}")
-    port = str(_free_port())
+    port = str(free_port())
     common = [
         "fit", "--config", str(cfg), "--trainer.logger", _logger(tmp_path, "two_nodes"),
         "--trainer.strategy", "ddp", "--trainer.num_nodes", "2", "--trainer.devices", "1",
@@ -136,7 +130,7 @@ def test_a_dead_rank_ends_the_whole_job_non_zero(tmp_path, tiny_tree):
         "fit", "--config", str(cfg), "--trainer.logger", _logger(tmp_path, "dies"),
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "1000",
         "--trainer.callbacks+=tests.helpers.cluster.SlowTraining",
-        env={"SHARD_DIR": str(tmp_path), "MASTER_PORT": str(_free_port())}, cwd=tmp_path, start_new_session=True,
+        env={"SHARD_DIR": str(tmp_path), "MASTER_PORT": str(free_port())}, cwd=tmp_path, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.time() + 240

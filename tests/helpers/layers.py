@@ -1,7 +1,9 @@
-"""Checks shared by the layer tests."""
+"""Checks and inputs shared by the layer tests."""
 
 import pytest
 import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # the floating dtypes every layer is checked in
 
 
 def assert_module_and_function_reject(module_cls, function, kwargs: dict, message: str) -> None:

@@ -6,9 +6,7 @@ from torch import nn
 
 from maxdrop import ADL, adl
 from maxdrop.layers import adl_drop_mask, adl_importance_map, adl_uses_drop_mask, max_dropout_v2_mask
-from tests.helpers.layers import assert_module_and_function_reject
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from tests.helpers.layers import DTYPES, assert_module_and_function_reject
 
 
 class OfficialADL(nn.Module):

@@ -10,11 +10,10 @@ import yaml
 from maxdrop import ADL, DualAttentionDropBlock
 from maxdrop.callbacks import load_sparsity_summary
 from maxdrop.cli import MaxdropCLI
-from maxdrop.monitoring.drop_masks import drop_map
+from maxdrop.monitoring.drop_masks import TAG, drop_map
 from tests.helpers.data import tiny_run_config
-from tests.layers.test_dgdm import literal_dgdm
-from tests.monitoring.test_drop_masks import TAG, images_of
-from tests.monitoring.test_sparsity import RecordedClassifier
+from tests.helpers.monitoring import RecordedClassifier, images_of
+from tests.helpers.references import dgdm_reference
 
 
 def reference_count(layer, x: torch.Tensor, rng_state: torch.Tensor) -> int:
@@ -27,7 +26,7 @@ def reference_count(layer, x: torch.Tensor, rng_state: torch.Tensor) -> int:
         threshold = attention.amax(dim=(2, 3), keepdim=True) * layer.drop_threshold
         return int((attention >= threshold).sum()) * x.shape[1] if use_drop else 0
     args = (layer.top_k_ratio, layer.channel_drop_rate, layer.drop_rate, layer.drop_threshold, layer.block_size)
-    return int(literal_dgdm(x, *args, g)[2].sum())
+    return int(dgdm_reference(x, *args, g)[2].sum())
 
 
 class AttentionRecordedClassifier(RecordedClassifier):

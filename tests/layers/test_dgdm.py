@@ -6,9 +6,8 @@ import torch.nn.functional as F
 
 from maxdrop import ADL, DualAttentionDropBlock, dual_attention_drop_block
 from maxdrop.layers import adl_drop_mask, cagd_channel_mask, sagd_block_mask
-from tests.helpers.layers import assert_module_and_function_reject
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from tests.helpers.layers import DTYPES, assert_module_and_function_reject
+from tests.helpers.references import dgdm_reference
 
 
 def channel_map(means: list[float]) -> torch.Tensor:
@@ -56,36 +55,6 @@ def test_sagd_erases_a_centred_square_around_each_seed_clipped_at_the_border():
     assert sagd_block_mask(x, 0.8, 5)[0, 0].sum() == 25 - 4
 
 
-def literal_dgdm(x, top_k_ratio, channel_drop_rate, drop_rate, drop_threshold, block_size, generator):
-    """The rules of the module docstring, written out directly, same draws in the same order.
-
-    Returns the output, the branch (True = blocks erased) and the (N, C, H, W) mask of the zeroed elements."""
-    use_drop = bool((torch.rand([], dtype=torch.float32, generator=generator) + drop_rate).floor() >= 1)
-    u = torch.rand(x.shape[:2], generator=generator)
-    n, c, h, w = x.shape
-    k = round(top_k_ratio * c)
-    keep_c = torch.ones(n, c, 1, 1)
-    for i in range(n):
-        order = sorted(range(c), key=lambda j: (-float(x[i, j].float().mean()), j))
-        for j in order[:k]:
-            if u[i, j] < channel_drop_rate:
-                keep_c[i, j] = 0
-    s = x.mean(1, keepdim=True)
-    if use_drop:
-        keep_s = torch.ones(n, 1, h, w)
-        for i in range(n):
-            t = s[i].max() * drop_threshold
-            for a in range(h):
-                for b in range(w):
-                    if not s[i, 0, a, b] < t:
-                        r = block_size // 2
-                        keep_s[i, 0, max(a - r, 0) : a + r + 1, max(b - r, 0) : b + r + 1] = 0
-        zeroed = ((keep_c * keep_s) == 0).expand(n, c, h, w)
-        return torch.where(zeroed, 0, x), use_drop, zeroed
-    zeroed = (keep_c == 0).expand(n, c, h, w)
-    return torch.where(zeroed, 0, x * torch.sigmoid(s)), use_drop, zeroed
-
-
 @pytest.mark.parametrize("drop_rate", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("block_size", [1, 3])
 def test_layer_equals_the_written_out_rules_with_the_same_draws(drop_rate, block_size):
@@ -95,7 +64,7 @@ def test_layer_equals_the_written_out_rules_with_the_same_draws(drop_rate, block
         y = dual_attention_drop_block(
             x, 0.5, 0.5, drop_rate, 0.7, block_size, generator=torch.Generator().manual_seed(seed)
         )
-        ref, use_drop, zeroed = literal_dgdm(
+        ref, use_drop, zeroed = dgdm_reference(
             x, 0.5, 0.5, drop_rate, 0.7, block_size, torch.Generator().manual_seed(seed)
         )
         assert torch.equal(y, ref)

@@ -1,7 +1,6 @@
 """MaxDropout scopes under real DDP: 2 gloo processes on the CPU."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -9,12 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from maxdrop import MaxDropout, max_dropout_mask
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.net import free_port
 
 
 def _worker(rank: int, world: int, port: int, batch: torch.Tensor, scope: str, out_dir: str) -> None:
@@ -32,7 +26,7 @@ def _worker(rank: int, world: int, port: int, batch: torch.Tensor, scope: str, o
 
 def _run(batch, scope, tmp_path, world=2):
     mp.start_processes(
-        _worker, args=(world, _free_port(), batch, scope, str(tmp_path)), nprocs=world, start_method="spawn"
+        _worker, args=(world, free_port(), batch, scope, str(tmp_path)), nprocs=world, start_method="spawn"
     )
     return [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
 

@@ -5,42 +5,13 @@ DDP): tests/training/test_prob_guided_maxout_training.py.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from maxdrop import ProbGuidedMaxout
 from maxdrop.layers import prob_guided_keep_fraction, prob_guided_maxout, prob_guided_maxout_mask
-
-
-def transcription(x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, scale: float = 1.0):
-    """The rule, one unit at a time: (dropped (N, D) bool, output (N, D) float64).
-
-    q = softmax(logits)[target] (non-finite -> 0), keep = 1 - q/2 and D * keep in float32, kept units
-    = the round(D * keep) smallest (Python's round; ties ranked by index), kept * scale / keep.
-    """
-    n, d = x.shape
-    xs, ls = x.double().tolist(), logits.double().tolist()
-    dropped, out = [], []
-    for i in range(n):
-        top = max(ls[i])
-        exps = [math.exp(v - top) for v in ls[i]]
-        q = np.float32(exps[int(targets[i])] / sum(exps))
-        if not np.isfinite(q):
-            q = np.float32(0.0)
-        keep = np.float32(1.0) - q * np.float32(0.5)
-        n_keep = round(float(np.float32(d) * keep))
-        row = xs[i]
-        drop = []
-        for j in range(d):
-            rank = sum(1 for k in range(d) if row[k] < row[j] or (row[k] == row[j] and k < j))
-            drop.append(rank >= n_keep)
-        dropped.append(drop)
-        out.append([0.0 if drop[j] else row[j] * scale / float(keep) for j in range(d)])
-    return torch.tensor(dropped, dtype=torch.bool).view(n, d), torch.tensor(out, dtype=torch.float64).view(n, d)
+from tests.helpers.references import prob_guided_maxout_reference
 
 
 def varied_logits(n: int, classes: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +41,7 @@ def test_mask_and_output_equal_the_transcription(name, dtype):
     x = INPUTS[name](torch.Generator().manual_seed(1)).to(dtype)
     logits, targets = varied_logits(x.shape[0])
     logits = logits.to(dtype)
-    dropped, expected = transcription(x, logits, targets, scale=1.25)
+    dropped, expected = prob_guided_maxout_reference(x, logits, targets, scale=1.25)
     assert torch.equal(prob_guided_maxout_mask(x, logits, targets), dropped)
     out = prob_guided_maxout(x, logits, targets, scale=1.25)
     assert out.dtype == dtype and out.shape == x.shape
@@ -86,7 +57,7 @@ def test_the_layer_scores_with_the_classifier_it_is_given():
     _, targets = varied_logits(12, 5)
     layer = ProbGuidedMaxout()
     layer.scale.data.fill_(0.8)
-    dropped, expected = transcription(x, fc(x), targets, scale=0.8)
+    dropped, expected = prob_guided_maxout_reference(x, fc(x), targets, scale=0.8)
     out = layer(x, targets, fc)
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=0)
     assert torch.equal(out == 0, dropped | (x == 0))
@@ -171,7 +142,7 @@ def test_drop_counters_are_device_tensors_that_add_up():
         _, targets = varied_logits(7, 4, seed)
         fc.weight.data[targets] += 0.5 * x  # make some samples confident enough to drop units
         layer(x, targets, fc)
-        dropped = int(transcription(x, fc(x), targets)[0].sum())
+        dropped = int(prob_guided_maxout_reference(x, fc(x), targets)[0].sum())
         expected += dropped
         assert isinstance(layer.last_dropped, torch.Tensor) and layer.last_dropped.dtype == torch.int64
         assert (int(layer.last_dropped), layer.last_seen) == (dropped, 7 * 16)

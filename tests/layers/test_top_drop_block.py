@@ -6,22 +6,8 @@ import pytest
 import torch
 
 from maxdrop import TopDropBlock, top_drop_block, top_drop_block_mask
-from tests.layers.test_top_k_dropout import DTYPES
-
-
-def top_drop_block_reference(x: torch.Tensor, h_ratio: float) -> torch.Tensor:
-    """Top-DB-Net's rule, literally: per sample, row score = max over w of sum over c of x**2; the
-    round(h_ratio * H) rows with the highest scores are dropped; equal scores: a stable ascending
-    sort, the last rows of it dropped (the higher index first)."""
-    n, c, h, w = x.shape
-    rh = round(h_ratio * h)
-    mask = torch.zeros(n, 1, h, 1, dtype=torch.bool)
-    for i in range(n):
-        scores = [max(sum(float(x[i, ch, r, col]) ** 2 for ch in range(c)) for col in range(w)) for r in range(h)]
-        order = sorted(range(h), key=lambda r: scores[r])
-        for r in order[h - rh :]:
-            mask[i, 0, r, 0] = True
-    return mask
+from tests.helpers.layers import DTYPES
+from tests.helpers.references import top_drop_block_reference
 
 
 def tdb_inputs() -> list[tuple[str, torch.Tensor]]:

@@ -8,37 +8,10 @@ import pytest
 import torch
 
 from maxdrop import TopDropBlock, TopKDropout, top_k_dropout, top_k_dropout_mask
+from tests.helpers.layers import DTYPES
+from tests.helpers.references import scope_rows, topk_reference
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 topk_impl = importlib.import_module("maxdrop.layers.top_k_dropout")  # the package exports a function of that name
-
-
-def sorted_floats(values: list[float]) -> list[float]:
-    """Ascending, NaN after every number (torch.sort's order)."""
-    return sorted(values, key=lambda v: (math.isnan(v), v))
-
-
-def scope_rows(x: torch.Tensor, scope: str) -> torch.Tensor:
-    """(rows, n): one row per scope, in logical element order."""
-    start = {"tensor": 0, "global": 0, "sample": 1, "channel": 2}[scope]
-    return x.reshape(1, -1) if start == 0 else x.reshape(math.prod(x.shape[:start]), -1)
-
-
-def topk_reference(x: torch.Tensor, rate: float, scope: str) -> torch.Tensor:
-    """The rule, literally: per scope, k = round(rate * n); drop the values > the (n - k)-th smallest."""
-    rows = scope_rows(x, scope).tolist()
-    mask = []
-    for row in rows:
-        n = len(row)
-        k = round(rate * n)
-        if k == 0:
-            mask.append([False] * n)
-        elif k == n:
-            mask.append([True] * n)
-        else:
-            t = sorted_floats(row)[n - k - 1]
-            mask.append([v > t for v in row])
-    return torch.tensor(mask, dtype=torch.bool).reshape(x.shape)
 
 
 def topk_inputs(seed: int) -> list[tuple[str, torch.Tensor]]:

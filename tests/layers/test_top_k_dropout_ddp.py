@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from maxdrop import TopKDropout, top_k_dropout_mask
-from tests.layers.test_max_dropout_ddp import _free_port
+from tests.helpers.net import free_port
 
 
 def batches() -> dict[str, torch.Tensor]:
@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_global_scope_on_two_ranks_equals_one_process_on_the_concatenated_batch(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     for name, batch in batches().items():
         for rate in (0.3, 0.8):

@@ -10,13 +10,8 @@ import torch
 from torch import nn
 
 from maxdrop import MaxDropout, ProbGuidedMaxout
-from maxdrop.models import FastCNN, ResNet18, WideResNet
-
-BACKBONES = {
-    "FastCNN": partial(FastCNN, widths=(4, 8, 16)),
-    "ResNet18": partial(ResNet18, width=4),
-    "WRN-10-1": partial(WideResNet, depth=10, widen_factor=1),
-}
+from maxdrop.models import FastCNN
+from tests.helpers.models import BACKBONES
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import warnings
@@ -19,7 +18,6 @@ import torch
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
-from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,6 +29,8 @@ from maxdrop.models import FastCNN
 from maxdrop.module import ClassificationModule
 from maxdrop.monitoring.drop_masks import TAG, drop_map, input_map
 from tests.helpers.data import tiny_run_config
+from tests.helpers.monitoring import images_of
+from tests.helpers.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = [ROOT / "configs" / "quickstart.yaml", *sorted((ROOT / "configs" / "study").glob("*.yaml"))]
@@ -54,18 +54,6 @@ EVERY_KIND = {
 def _no_pytest_argv(monkeypatch):
     """LightningCLI warns when it gets args while sys.argv holds pytest's own."""
     monkeypatch.setattr(sys, "argv", ["maxdrop"])
-
-
-def images_of(run: Path) -> dict[str, list[tuple[int, bytes, str]]]:
-    """``{tag: [(step, PNG, description)]}`` of the drop-mask images in a run folder's event files."""
-    acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
-    acc.Reload()
-    out = {}
-    for tag in acc.Tags()["tensors"]:
-        if tag.startswith(TAG + "/"):
-            desc = acc.SummaryMetadata(tag).summary_description
-            out[tag] = [(e.step, e.tensor_proto.string_val[2], desc) for e in acc.Tensors(tag)]
-    return out
 
 
 def fit(tmp_path: Path, data_dir: Path, name: str, slots: dict, callbacks: list[dict], **trainer) -> Path:
@@ -285,10 +273,7 @@ def test_ddp_writes_on_rank_0_only_without_collectives(tmp_path, tiny_tree):
         {"class_path": "maxdrop.callbacks.DropMaskImages", "init_args": {"every_n_epochs": 1}}
     )
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "maxdrop", "fit", "--config", "ddp.yaml"],
         cwd=tmp_path,

@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections import defaultdict
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.ops import DropBlock2d
@@ -21,158 +18,22 @@ from torchvision.ops import DropBlock2d
 from maxdrop import MaxDropout, MaxDropoutV2
 from maxdrop.callbacks import SUMMARY_FORMAT, SparsityMonitor, find_dropout_slots, load_sparsity_summary
 from maxdrop.models import FastCNN, ResNet18, WideResNet
-from maxdrop.module import ClassificationModule
-
-SLOT_NAMES = ("stage1", "stage2", "head")
-CHANNELS = {"stage1": 4, "stage2": 6, "head": 6}
-
-
-def default_slots() -> dict[str, nn.Module]:
-    """A maxdrop layer (counts its own drops), a 4-D and a 2-D layer counted by hooks."""
-    return {"stage1": MaxDropout(0.5), "stage2": DropBlock2d(0.3, block_size=3), "head": nn.Dropout(0.5)}
-
-
-class TinyBackbone(nn.Module):
-    """conv -> ReLU -> stage1 -> conv -> ReLU -> stage2 -> mean pool -> head -> aux -> linear.
-
-    ``aux`` (empty unless given) is skipped when ``skip_aux``: a slot that one DDP rank never runs.
-    """
-
-    def __init__(self, slots: dict[str, nn.Module] | None = None, skip_aux: bool = False) -> None:
-        super().__init__()
-        slots = default_slots() if slots is None else slots
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.stage1 = slots.get("stage1", nn.Identity())
-        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
-        self.stage2 = slots.get("stage2", nn.Identity())
-        self.head = slots.get("head", nn.Identity())
-        self.aux = slots.get("aux", nn.Identity())
-        self.fc = nn.Linear(6, 10)
-        self.skip_aux = skip_aux
-
-    def dropout_slots(self) -> dict[str, nn.Module]:
-        names = (*SLOT_NAMES, "aux")
-        return {n: getattr(self, n) for n in names if not isinstance(getattr(self, n), nn.Identity)}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage1(self.conv1(x).relu())
-        x = self.head(self.stage2(self.conv2(x).relu()).mean((2, 3)))
-        return self.fc(x if self.skip_aux else self.aux(x))
-
-
-def authors_dropped(x: torch.Tensor, p: float) -> int:
-    """Elements the authors' MaxDropout drops (tensor scope): min-max normalized value > 1 - p."""
-    z = (x - x.min()) / (x.max() - x.min())
-    return int((z > 1 - p).sum())
-
-
-def v2_dropped(x: torch.Tensor, p: float) -> int:
-    """Elements MaxDropoutV2 drops: positions of the channel-summed map above 1 - p per sample, x C."""
-    s = x.sum(1).flatten(1)
-    mn, mx = s.min(1, keepdim=True).values, s.max(1, keepdim=True).values
-    return int(((s - mn) / (mx - mn) > 1 - p).sum()) * x.shape[1]
-
-
-class Recording:
-    """LightningModule mixin: counts what every slot of ``self.backbone`` saw, per (phase, epoch, slot),
-    with its own forward hooks, independently of the monitor."""
-
-    def install_recorder(self) -> None:
-        self.counts: dict[tuple[str, int, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.per_channel: dict[tuple[int, str], torch.Tensor] = {}
-        self._phase: str | None = None
-        for name, layer in self.backbone.dropout_slots().items():
-            layer.register_forward_hook(self._make_hook(name))
-
-    def _make_hook(self, name: str):
-        def hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> None:
-            if self._phase is None:
-                return
-            x = args[0].detach()
-            c = self.counts[(self._phase, self.current_epoch, name)]
-            shut = (x != 0) & (y == 0)
-            if self._phase == "train" and type(layer) is MaxDropout:
-                c["dropped"] += authors_dropped(x, layer.p)
-            elif self._phase == "train" and type(layer) is MaxDropoutV2:
-                c["dropped"] += v2_dropped(x, layer.p)
-            else:
-                c["dropped"] += int(shut.sum())
-            c["seen"] += x.numel()
-            c["zero_in"] += int((x == 0).sum())
-            c["zero_out"] += int((y == 0).sum())
-            c["numel"] += x.numel()
-            if self._phase == "train" and x.ndim >= 2:
-                dims = [d for d in range(x.ndim) if d != 1]
-                key, per = (self.current_epoch, name), shut.sum(dims)
-                prev = self.per_channel.get(key)
-                if prev is None or prev.shape == per.shape:  # FlexBackbone's slot changes its channels
-                    self.per_channel[key] = per if prev is None else prev + per
-
-        return hook
-
-    def training_step(self, batch, batch_idx):
-        self._phase = "train"
-        try:
-            return super().training_step(batch, batch_idx)
-        finally:
-            self._phase = None
-
-    def validation_step(self, batch, batch_idx):
-        self._phase = None if self.trainer.sanity_checking else "val"
-        try:
-            return super().validation_step(batch, batch_idx)
-        finally:
-            self._phase = None
-
-
-class _Tiny(pl.LightningModule):
-    def __init__(self, backbone: nn.Module | None = None) -> None:
-        super().__init__()
-        self.backbone = TinyBackbone() if backbone is None else backbone
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.backbone(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self.backbone(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-class TinyModule(Recording, _Tiny):
-    """The tiny model; with ``record``, independent counts of every slot (see :class:`Recording`)."""
-
-    def __init__(self, backbone: nn.Module | None = None, record: bool = True) -> None:
-        super().__init__(backbone)
-        if record and hasattr(self.backbone, "dropout_slots"):
-            self.install_recorder()
-        else:
-            self._phase = None
+from tests.helpers.monitoring import (
+    CHANNELS,
+    SLOT_NAMES,
+    RecordedClassifier,
+    TinyBackbone,
+    TinyModule,
+    images,
+    make_trainer,
+    read_events,
+)
 
 
 def loader(n: int = 48, batch_size: int = 8, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     ds = TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
     return DataLoader(ds, batch_size=batch_size)
-
-
-def make_trainer(root: Path, monitor: SparsityMonitor | None, epochs: int = 2, **kw) -> pl.Trainer:
-    kw.setdefault("logger", TensorBoardLogger(root, name="", version=0))
-    kw.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        default_root_dir=root,
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[] if monitor is None else [monitor],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        **kw,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -214,14 +75,6 @@ def test_hooks_are_removed_after_fit(fitted):
     for layer in module.backbone.dropout_slots().values():
         assert not layer._forward_pre_hooks  # only the test's own recording hook is left
         assert len(layer._forward_hooks) == 1
-
-
-def read_events(run: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0})
-    acc.Reload()
-    return acc
 
 
 def test_tensorboard_event_files_hold_the_tags(fitted):
@@ -520,20 +373,6 @@ def test_per_channel_counts_are_exact_for_any_layout(make, exact_limit, monkeypa
     assert nz.dtype == torch.int64
     assert torch.equal(nz, (v != 0).sum((0, 2)))
     assert torch.allclose(mag, v.abs().sum((0, 2)), rtol=1e-5)
-
-
-class RecordedClassifier(Recording, ClassificationModule):
-    """The project's LightningModule, with independent counts of every slot."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.install_recorder()
-
-
-def images(n: int, seed: int) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    ds = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
-    return DataLoader(ds, batch_size=4)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from maxdrop.callbacks import SparsityMonitor, load_sparsity_summary
-from tests.monitoring.test_sparsity import CHANNELS, TinyBackbone, TinyModule, default_slots, read_events
+from tests.helpers.monitoring import CHANNELS, TinyBackbone, TinyModule, default_slots, read_events
 
 EPOCHS, BATCHES, VAL_BATCHES, BATCH = 2, 3, 2, 8
 SLOTS = ("stage1", "stage2", "head", "aux")

@@ -25,9 +25,9 @@ from maxdrop.cli import MaxdropCLI
 from maxdrop.models import FastCNN
 from maxdrop.module import ClassificationModule
 from tests.helpers.data import tiny_run_config
-from tests.layers.test_prob_guided_maxout import transcription
-from tests.models.test_head_targets import BACKBONES
-from tests.monitoring.test_sparsity import images, make_trainer
+from tests.helpers.models import BACKBONES
+from tests.helpers.monitoring import images, make_trainer
+from tests.helpers.references import prob_guided_maxout_reference
 
 
 class HeadCounter(pl.Callback):
@@ -44,7 +44,7 @@ class HeadCounter(pl.Callback):
             x, targets, classifier = args  # the backbone passes all three in training
             self.classifiers.append(classifier)
             with torch.no_grad():
-                dropped = transcription(x, classifier(x), targets)[0]
+                dropped = prob_guided_maxout_reference(x, classifier(x), targets)[0]
             c = self.counts[trainer.current_epoch]
             c[0] += int(dropped.sum())
             c[1] += x.numel()
