@@ -7,6 +7,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject.toml): a worker per core, at most 4 (the DDP tests start 2 processes each)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` are skipped, with the reason, where no CUDA device is present."""
     import torch
@@ -27,6 +32,14 @@ def cifar10_jpeg() -> Path:
             pytest.fail(f"{CIFAR10_JPEG} is missing in CI, where it must be present")
         pytest.skip(f"real CIFAR-10 not found at {CIFAR10_JPEG} (expected beside the project in ../shared/data)")
     return CIFAR10_JPEG
+
+
+@pytest.fixture(scope="session")
+def cifar10_cache(tmp_path_factory) -> Path:
+    """One decode cache of the real CIFAR-10 for the whole test session, shared by the parallel workers
+    (their base folders have one parent; the cache's files are written atomically, so two workers that
+    decode at once both end with a valid cache). Tests of decoding itself use their own folder."""
+    return tmp_path_factory.getbasetemp().parent / "maxdrop-test-cache"
 
 
 @pytest.fixture(scope="session")

@@ -115,12 +115,13 @@ def test_guards_are_in_the_saved_config_and_can_be_switched_off(tmp_path, tiny_t
 
 
 @pytest.mark.slow
-def test_four_batch_one_epoch_quickstart_fit_runs(tmp_path, cifar10_jpeg, monkeypatch):
+def test_four_batch_one_epoch_quickstart_fit_runs(tmp_path, cifar10_jpeg, cifar10_cache, monkeypatch):
     """The smoke run everyone starts with: a one-cycle schedule of 4 steps (its warm-up would be 0 steps)."""
     monkeypatch.chdir(tmp_path)
     config = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
     main(
-        ["fit", "--config", str(config), "--data.data_dir", str(cifar10_jpeg), "--trainer.limit_train_batches", "4",
+        ["fit", "--config", str(config), "--data.data_dir", str(cifar10_jpeg), "--data.init_args.cache_dir",
+         str(cifar10_cache), "--trainer.limit_train_batches", "4",
          "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "2",
          "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
     )  # fmt: skip

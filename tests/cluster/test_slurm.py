@@ -26,6 +26,8 @@ from tests.helpers.data import CIFAR10_CLASSES, tiny_run_config, tree_files, wri
 from tests.helpers.slurm_cluster import SlurmCluster, missing_binaries
 
 ROOT = Path(__file__).resolve().parents[2]
+# Under pytest-xdist these tests share one worker, so one test cluster serves them all.
+pytestmark = pytest.mark.xdist_group("slurm")
 
 # The 2-task jobs: global batch 4 (2 images per rank and step), ~100 steps per epoch, 3 epochs.
 JOB_ARGS = ["--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1"]

@@ -131,10 +131,12 @@ def test_any_key_of_a_shipped_config_can_be_overridden(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_quickstart_reaches_60_percent_on_the_real_cifar10_and_test_agrees(cifar10_jpeg, tmp_path, monkeypatch):
+def test_quickstart_reaches_60_percent_on_the_real_cifar10_and_test_agrees(
+    cifar10_jpeg, cifar10_cache, tmp_path, monkeypatch
+):
     """The README's main job: fit the quickstart on the real CIFAR-10, then `maxdrop test` its checkpoint."""
     monkeypatch.chdir(tmp_path)
-    data = ["--data.data_dir", str(cifar10_jpeg), "--data.init_args.cache_dir", str(tmp_path / "cache")]
+    data = ["--data.data_dir", str(cifar10_jpeg), "--data.init_args.cache_dir", str(cifar10_cache)]
     quiet = ["--trainer.enable_progress_bar", "false"]
     fit = MaxdropCLI(args=["fit", "--config", str(CONFIGS / "quickstart.yaml"), *data, *quiet])
     val_acc = fit.trainer.callback_metrics["val/acc"].item()  # quickstart validates on the test split

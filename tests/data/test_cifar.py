@@ -168,8 +168,8 @@ def test_lightning_cli_builds_the_datamodule_from_yaml(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_cifar10_jpeg_tarball(cifar10_jpeg, tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp().parent / "maxdrop-test-cache"  # shared by later runs: fast reruns
+def test_real_cifar10_jpeg_tarball(cifar10_jpeg, cifar10_cache):
+    cache = cifar10_cache
     dm = CIFARDataModule(data_dir=str(cifar10_jpeg), cache_dir=str(cache), val_size=0)
     dm.prepare_data()
     dm.setup()
@@ -185,8 +185,8 @@ def test_real_cifar10_jpeg_tarball(cifar10_jpeg, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_real_cifar10_small_data_subset(cifar10_jpeg, tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp().parent / "maxdrop-test-cache"
+def test_real_cifar10_small_data_subset(cifar10_jpeg, cifar10_cache):
+    cache = cifar10_cache
     dm = CIFARDataModule(data_dir=str(cifar10_jpeg), cache_dir=str(cache), val_size=5000, train_per_class=100)
     (tx, ty), (vx, vy) = dm.split("train"), dm.split("val")
     assert tx.shape == (1000, 3, 32, 32) and torch.equal(torch.bincount(ty), torch.full((10,), 100))
