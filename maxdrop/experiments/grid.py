@@ -29,7 +29,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from maxdrop.experiments.claims import STALE_AFTER_SECONDS, try_claim
-from maxdrop.experiments.progress import Progress
+from maxdrop.experiments.progress import Progress, say
 from maxdrop.utils.atomic import atomic_write_text
 
 FINISHED = "finished.json"
@@ -99,7 +99,7 @@ def run_one(
     """Run one pair (the caller holds its claim)."""
     run_dir = run_dir_of(root, config, seed)
     if (run_dir / FINISHED).exists():
-        print(f"[grid] done already: {run_dir}", flush=True)
+        say(f"[grid] done already: {run_dir}")
         return True
     if run_dir.exists() and not (run_dir / "checkpoints" / "last.ckpt").exists():
         # Interrupted before its first checkpoint: its partial logs would pollute the report.
@@ -108,9 +108,9 @@ def run_one(
         shutil.rmtree(run_dir / sub, ignore_errors=True)  # a test pass is redone whole
     start = time.time()
     for cmd in commands(config, seed, root, extra, active_in_eval, threads):
-        print(f"[grid] {' '.join(cmd[3:6])} seed {seed} -> {run_dir}", flush=True)
+        say(f"[grid] {' '.join(cmd[3:6])} seed {seed} -> {run_dir}")
         if subprocess.run(cmd, env=env).returncode != 0:
-            print(f"[grid] FAILED: {config} seed {seed} (rerun the same command to retry)", file=sys.stderr)
+            say(f"[grid] FAILED: {config} seed {seed} (rerun the same command to retry)", sys.stderr)
             return False
     done = {"config": str(config), "seed": seed, "seconds": time.time() - start}
     atomic_write_text(run_dir / FINISHED, json.dumps(done))
@@ -167,7 +167,7 @@ def run_grid(
                     continue  # another process runs it; wait for it (or for its claim to go stale)
                 pending.remove(pair)
                 if claim.took_over:
-                    print(f"[grid] took over the stale claim of {run_dir}", flush=True)
+                    say(f"[grid] took over the stale claim of {run_dir}")
                 slot = free.pop(0)
                 fut = pool.submit(run_one, *pair, root, extra, active_in_eval, threads, envs[slot])
                 running[fut] = (pair, claim, slot, time.time())
@@ -181,7 +181,7 @@ def run_grid(
                 claim.release()
                 free.append(slot)
                 if fut.exception() is not None:
-                    print(f"[grid] FAILED: {pair[0]} seed {pair[1]}: {fut.exception()!r}", file=sys.stderr)
+                    say(f"[grid] FAILED: {pair[0]} seed {pair[1]}: {fut.exception()!r}", sys.stderr)
                 if fut.exception() is not None or not fut.result():
                     failed.append(pair)
                 else:
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         todo = [todo[args.index]]
     failed = run_grid(todo, args.root, extra, args.active_in_eval, args.jobs, args.stale_after)
-    print(f"[grid] {len(todo) - len(failed)} of {len(todo)} runs finished", flush=True)
+    say(f"[grid] {len(todo) - len(failed)} of {len(todo)} runs finished")
     return 1 if failed else 0
 
 

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
+
+_SAY = threading.Lock()
+
+
+def say(line: str, stream=None) -> None:
+    """Write one whole line and flush. ``print`` writes the text and its newline in two calls, so two
+    job threads printing at once can splice their lines; one write under a lock cannot (and a pipe
+    keeps a write of under 4 KB whole against the run subprocesses writing to it too)."""
+    stream = stream or sys.stdout
+    with _SAY:
+        stream.write(line + "\n")
+        stream.flush()
 
 
 def _clock(seconds: float) -> str:
@@ -34,4 +47,4 @@ class Progress:
         )
 
     def show(self, finished: int, running: int) -> None:
-        print(self.line(finished, running), file=self.stream, flush=True)
+        say(self.line(finished, running), self.stream)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from maxdrop.experiments.claims import STALE_AFTER_SECONDS, claim_path, is_stale, try_claim
 from maxdrop.experiments.grid import _logger, job_resources
-from maxdrop.experiments.progress import Progress
+from maxdrop.experiments.progress import Progress, say
 from maxdrop.experiments.tune_pruning import OBJECTIVE, make_pruner, open_storage
 from maxdrop.experiments.tune_space import Space, load_space
 
@@ -118,20 +118,20 @@ class Tuner:
                 MAXDROP_TUNE_TRIAL_ID=str(trial._trial_id), MAXDROP_TUNE_METRIC=self.args.metric,
                 MAXDROP_TUNE_PRUNER=self.args.pruner,
             )  # fmt: skip
-            print(f"[tune] trial {trial.number} {params} -> {run}", flush=True)
+            say(f"[tune] trial {trial.number} {params} -> {run}")
             code = subprocess.run(self.command(trial, params, threads), env=env).returncode
             objective = run / OBJECTIVE
             if code == 0 and self.args.test and objective.exists() and not json.loads(objective.read_text())["pruned"]:
                 code = subprocess.run(self.test_command(run, threads), env=env).returncode
             with self.lock:
                 if code != 0 or not objective.exists():
-                    print(f"[tune] trial {trial.number} FAILED (exit {code}); see its output above", file=sys.stderr)
+                    say(f"[tune] trial {trial.number} FAILED (exit {code}); see its output above", sys.stderr)
                     self.study.tell(trial, state=TrialState.FAIL)
                     self.failures.append(trial.number)
                     return
                 result = json.loads(objective.read_text())
                 if result["pruned"]:
-                    print(f"[tune] trial {trial.number} pruned at epoch {result['step']}", flush=True)
+                    say(f"[tune] trial {trial.number} pruned at epoch {result['step']}")
                     self.study.tell(trial, state=TrialState.PRUNED)
                 else:
                     self.study.tell(trial, result["value"])
@@ -216,17 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     study.sampler = optuna.samplers.TPESampler(seed=args.sampler_seed + len(study.get_trials(deepcopy=False)))
     recovered = recover(study, study_dir, args.stale_after)
     if recovered:
-        print(f"[tune] trials {recovered} were left RUNNING by a dead process: marked FAIL, re-enqueued", flush=True)
+        say(f"[tune] trials {recovered} were left RUNNING by a dead process: marked FAIL, re-enqueued")
     tuner = Tuner(space, study, study_dir, storage, args, extra)
     tuner.run()
     from maxdrop.experiments.tune_outputs import write_outputs
 
     best = write_outputs(study, space, study_dir, args.metric)
     if best is not None:
-        print(f"[tune] best: trial {best.number}, {args.metric} {best.value:.4g}, {best.params}", flush=True)
-        print(f"[tune] its config: {study_dir / 'best.yaml'}", flush=True)
+        say(f"[tune] best: trial {best.number}, {args.metric} {best.value:.4g}, {best.params}")
+        say(f"[tune] its config: {study_dir / 'best.yaml'}")
     if tuner.failures:
-        print(f"[tune] trials {tuner.failures} failed; rerun the same command to go on", file=sys.stderr)
+        say(f"[tune] trials {tuner.failures} failed; rerun the same command to go on", sys.stderr)
         return 1
     return 0
 

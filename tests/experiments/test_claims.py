@@ -7,13 +7,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from maxdrop.experiments.claims import claim_path, holder, is_stale, try_claim
-from maxdrop.experiments.progress import Progress
+from maxdrop.experiments.progress import Progress, say
 from tests.helpers.data import tiny_run_config
 
 
@@ -87,6 +88,38 @@ def two_configs(tmp_path, tiny_tree) -> list[Path]:
         path.write_text(CONFIG.replace("DATA", str(tiny_tree)))
         out.append(path)
     return out
+
+
+class _SlowStream:
+    """A stream whose writes take a while, so that threads writing at once get between each other's calls."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> None:
+        time.sleep(0.0005)
+        self.parts.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_job_threads_never_splice_their_lines():
+    # --jobs N prints from N threads; print() writes a line and its newline in two calls (the splice
+    # seen under load: "[grid] fit ... seed 0 -> A[grid] fit ... seed 1 -> B").
+    stream = _SlowStream()
+
+    def job(i: int) -> None:
+        for k in range(25):
+            say(f"[grid] job {i} line {k}", stream)
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = "".join(stream.parts).splitlines()
+    assert sorted(lines) == sorted(f"[grid] job {i} line {k}" for i in range(4) for k in range(25))
 
 
 @pytest.mark.slow
