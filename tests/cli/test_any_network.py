@@ -1,5 +1,6 @@
 """Any network through the CLI: the configs/any/ configs train and are monitored like a shipped backbone."""
 
+import csv
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from maxdrop.callbacks import SparsityMonitor
 from maxdrop.cli import MaxdropCLI, main
+from maxdrop.experiments.report import report
 from maxdrop.monitoring.hparams import run_hparams
 
 ANY = Path(__file__).resolve().parents[2] / "configs" / "any"
@@ -66,6 +68,20 @@ def test_any_config_trains_and_the_monitor_counts_every_drop(config, tiny_tree):
     assert slots and set(counts) == set(slots)
     for name in slots:
         assert monitor.logged[f"maxdrop/{name}/dropped"] == counts[name] > 0
+    # A slot at several positions (stages.0 ... stages.3) is also reported summed over its positions.
+    totals = {}
+    for name in slots:
+        slot, _, index = name.rpartition(".")
+        if index.isdigit():
+            totals[slot] = totals.get(slot, 0) + counts[name]
+    for slot, total in totals.items():
+        assert monitor.logged[f"maxdrop/{slot}/dropped"] == total
+    # `maxdrop report` reads the wrapped model's run as any other: its slots' dropped fractions.
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)  # into the run's events
+    report([Path(cli.trainer.log_dir).parent], Path("report"))
+    with open("report/report.csv") as f:
+        row = next(csv.DictReader(f))
+    assert all(f"{name} " in row["dropped fraction, last epoch"] for name in [*slots, *totals])
     hp = run_hparams(cli.trainer, cli.model)
     assert hp["backbone"] == "WithSlots" and hp[f"slot/{slots[0]}"] in ("MaxDropout", "TopKDropout")
     assert hp["backbone/model"] == type(cli.model.backbone.model).__name__ in ("ResNet", "VisionTransformer")
