@@ -37,6 +37,14 @@ mv "$OUT/best/.no_dropout.yaml.tmp" "$OUT/best/no_dropout.yaml"
 
 # 3. Best settings x seeds on the test split, at each size, two runs at once.
 for size in $SIZES; do
+  # No dropout is Study 2's no_dropout row unchanged (same config, sizes and seeds): its finished runs are
+  # reused (the grid skips a run with finished.json) instead of trained again.
+  for seed in $SEEDS; do
+    src="results/study2/$size/no_dropout/seed_$seed" dst="$OUT/$size/no_dropout/seed_$seed"
+    if [ -f "$src/finished.json" ] && [ ! -e "$dst" ]; then
+      mkdir -p "$(dirname "$dst")" && cp -a "$src" "$dst.tmp" && mv "$dst.tmp" "$dst"
+    fi
+  done
   # shellcheck disable=SC2086
   maxdrop grid "$OUT"/best/*.yaml --seeds $SEEDS --root "$OUT/$size" --jobs 2 --active-in-eval \
     -- --config "configs/study2/size/$size.yaml" --data.data_dir "$DATA" --num_threads 1 "${EXTRA_ARGS[@]}"
