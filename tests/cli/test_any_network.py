@@ -105,6 +105,22 @@ def test_plain_torchvision_class_path_trains_and_reloads(tiny_tree, tmp_path):
     torch.testing.assert_close(loaded.eval()(x), cli.model.eval()(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_a_wrapped_model_that_diverges_stops_with_one_paragraph(capsys, tiny_tree):
+    # The divergence guard reads the loss, whatever the backbone: a WithSlots torchvision ResNet-18 too.
+    args = [
+        "fit",
+        "--config",
+        str(ANY / "resnet18_torchvision_maxdropout.yaml"),
+        f"--data.init_args.data_dir={tiny_tree}",
+    ]
+    args += [*TINY, "--model.init_args.optimizer.init_args.lr=1e6", "--model.init_args.lr_scheduler=null"]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "training diverged at step" in err and "Lower the learning rate" in err
+
+
 def test_a_model_of_another_width_is_refused_with_both_numbers(capsys, tiny_tree, tmp_path):
     config = yaml.safe_load((ANY / "resnet18_torchvision_maxdropout.yaml").read_text())
     config["model"]["init_args"]["backbone"]["init_args"]["model"] = {"class_path": f"{__name__}.fixed_width"}
