@@ -8,6 +8,8 @@ MaxDropout left on (the authors' protocol) in ``test_active_in_eval/``. A run th
 ``finished.json`` and is skipped; an interrupted one resumes from its ``last.ckpt`` (or starts over
 when it had none), so rerunning the same command after a crash or a kill completes the grid.
 On a cluster, ``--index I`` runs only the I-th pair (``--list`` prints them): one SLURM array task each.
+A pair's commands run in one process (``python -m maxdrop.cli.sequence``), which starts Python, torch and
+Lightning once per pair rather than once per command.
 
 ``--jobs N`` runs N pairs at once (``num_threads`` split between them; one GPU each where there are
 GPUs). Any number of grid processes may share one root (one machine, or SLURM tasks on a shared
@@ -53,8 +55,9 @@ def pairs(configs: list[Path], seeds: list[int]) -> list[tuple[Path, int]]:
 def commands(
     config: Path, seed: int, root: Path, extra: list[str], active_in_eval: bool, threads: int | None = None
 ) -> list[list[str]]:
-    """The CLI calls of one run: fit (resuming if it can), test, and the authors' eval protocol.
-    ``threads`` (``--jobs``' share of the cores) comes before ``extra``, so a ``--num_threads`` there wins."""
+    """The ``maxdrop`` command lines of one run: fit (resuming if it can), test, and the authors' eval
+    protocol (``maxdrop.cli.sequence`` runs them in one process). ``threads`` (``--jobs``' share of the
+    cores) comes before ``extra``, so a ``--num_threads`` there wins."""
     name, version = config.stem, f"seed_{seed}"
     run_dir = root / name / version
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -62,7 +65,7 @@ def commands(
     common = ["--config", str(config), *share, *extra, "--seed_everything", str(seed)]
 
     def cli(sub: str, *args: str) -> list[str]:
-        return [sys.executable, "-m", "maxdrop", sub, *common, *args]
+        return [sub, *common, *args]
 
     fit = cli("fit", "--trainer.logger", _logger(root, name, version))
     if last.exists():
@@ -81,6 +84,11 @@ def commands(
             )
         )
     return cmds
+
+
+def sequence_command(cmds: list) -> list[str]:
+    """One process that runs ``cmds`` (``maxdrop`` command lines) in turn, stopping at the first failure."""
+    return [sys.executable, "-m", "maxdrop.cli.sequence", json.dumps(cmds)]
 
 
 def run_dir_of(root: Path, config: Path, seed: int) -> Path:
@@ -107,11 +115,11 @@ def run_one(
     for sub in ("test", "test_active_in_eval"):
         shutil.rmtree(run_dir / sub, ignore_errors=True)  # a test pass is redone whole
     start = time.time()
-    for cmd in commands(config, seed, root, extra, active_in_eval, threads):
-        say(f"[grid] {' '.join(cmd[3:6])} seed {seed} -> {run_dir}")
-        if subprocess.run(cmd, env=env).returncode != 0:
-            say(f"[grid] FAILED: {config} seed {seed} (rerun the same command to retry)", sys.stderr)
-            return False
+    cmds = commands(config, seed, root, extra, active_in_eval, threads)
+    say(f"[grid] {' + '.join(c[0] for c in cmds)} {config} seed {seed} -> {run_dir}")
+    if subprocess.run(sequence_command(cmds), env=env).returncode != 0:
+        say(f"[grid] FAILED: {config} seed {seed} (rerun the same command to retry)", sys.stderr)
+        return False
     done = {"config": str(config), "seed": seed, "seconds": time.time() - start}
     atomic_write_text(run_dir / FINISHED, json.dumps(done))
     return True

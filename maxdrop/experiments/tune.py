@@ -10,10 +10,10 @@ file ``<root>/<study>/journal.log`` by default (several processes on one machine
 ``--storage`` with an RDB URL (``sqlite:///...``, ``postgresql://...``). Running the same command again
 continues the study up to ``--trials`` finished (complete or pruned) trials; a trial left RUNNING by a dead
 process (its claim, maxdrop/experiments/claims.py, is stale) is marked FAIL, its folder removed and its
-parameters re-enqueued, so it reruns from scratch. Each trial is a subprocess of `maxdrop fit` (the code
-path of `maxdrop grid`, so TensorBoard and `maxdrop report` read trials like grid runs; a crash stays in
-its trial). At the end: ``best.yaml`` (the best trial's full config, for `maxdrop fit`/`maxdrop grid`),
-``trials.csv``/``trials.md`` and ``history.png``/``knobs.png``.
+parameters re-enqueued, so it reruns from scratch. Each trial is one subprocess running `maxdrop fit`
+(and, with ``--test``, its test pass: the code path of `maxdrop grid`, so TensorBoard and `maxdrop report`
+read trials like grid runs; a crash stays in its trial). At the end: ``best.yaml`` (the best trial's full
+config, for `maxdrop fit`/`maxdrop grid`), ``trials.csv``/``trials.md`` and ``history.png``/``knobs.png``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 from maxdrop.experiments.claims import STALE_AFTER_SECONDS, claim_path, is_stale, try_claim
-from maxdrop.experiments.grid import _logger, job_resources
+from maxdrop.experiments.grid import _logger, job_resources, sequence_command
 from maxdrop.experiments.progress import Progress, say
-from maxdrop.experiments.tune_pruning import OBJECTIVE, make_pruner, open_storage
+from maxdrop.experiments.tune_pruning import OBJECTIVE, PRUNED_MARKER, make_pruner, open_storage
 from maxdrop.experiments.tune_space import Space, load_space
 
 CALLBACK = "maxdrop.experiments.tune_pruning.OptunaPruning"
@@ -85,7 +85,7 @@ class Tuner:
         run = trial_dir(self.study_dir, trial.number)
         share = ["--num_threads", str(threads)] if threads else []
         return [
-            sys.executable, "-m", "maxdrop", "fit", "--config", str(self.space.config), *share, *self.extra,
+            "fit", "--config", str(self.space.config), *share, *self.extra,
             *self.space.overrides(params), "--seed_everything", str(self.args.seed),
             "--trainer.logger", _logger(self.study_dir, "trials", run.name),
             f"--trainer.callbacks+={CALLBACK}",
@@ -96,7 +96,7 @@ class Tuner:
         does), so that `maxdrop report` tabulates trials; it plays no part in the choice of the best trial."""
         share = ["--num_threads", str(threads)] if threads else []
         return [
-            sys.executable, "-m", "maxdrop", "test", "--config", str(run / "config.yaml"), *share,
+            "test", "--config", str(run / "config.yaml"), *share,
             "--trainer.logger", _logger(self.study_dir, "trials", run.name, "test"),
             "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
         ]  # fmt: skip
@@ -119,10 +119,11 @@ class Tuner:
                 MAXDROP_TUNE_PRUNER=self.args.pruner,
             )  # fmt: skip
             say(f"[tune] trial {trial.number} {params} -> {run}")
-            code = subprocess.run(self.command(trial, params, threads), env=env).returncode
+            cmds: list = [self.command(trial, params, threads)]
+            if self.args.test:  # not for a pruned trial: its fit leaves the marker
+                cmds.append({"argv": self.test_command(run, threads), "unless": str(run / PRUNED_MARKER)})
+            code = subprocess.run(sequence_command(cmds), env=env).returncode
             objective = run / OBJECTIVE
-            if code == 0 and self.args.test and objective.exists() and not json.loads(objective.read_text())["pruned"]:
-                code = subprocess.run(self.test_command(run, threads), env=env).returncode
             with self.lock:
                 if code != 0 or not objective.exists():
                     say(f"[tune] trial {trial.number} FAILED (exit {code}); see its output above", sys.stderr)

@@ -21,6 +21,8 @@ import lightning.pytorch as pl
 from maxdrop.utils.atomic import atomic_write_text
 
 OBJECTIVE = "objective.json"
+# Beside it when the trial was pruned: the run's command sequence skips its test pass (maxdrop/cli/sequence.py).
+PRUNED_MARKER = "pruned"
 
 
 def open_storage(storage: str):
@@ -107,3 +109,5 @@ class OptunaPruning(pl.Callback):
             {"metric": self.metric, "value": self.values[last], "step": last, "pruned": self.pruned,
              "values": {str(k): v for k, v in self.values.items()}},
         )  # fmt: skip
+        if self.pruned:
+            atomic_write_text(Path(trainer.log_dir) / PRUNED_MARKER, f"pruned at epoch {last}\n")

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from maxdrop.experiments.grid import commands, main, pairs
 from maxdrop.experiments.report import report
 from tests.helpers.data import tiny_run_config
+from tests.helpers.net import free_port
 
 CONFIG = tiny_run_config("DATA", slots="SLOTS", lr_scheduler=None, data={"batch_size": 16})
 
@@ -35,7 +37,7 @@ def test_pairs_and_commands(tmp_path):
     with pytest.raises(ValueError, match=r"config names must be unique .*repeated: a"):
         pairs([a, tmp_path / "x" / "a.yaml"], [0])
     fit, test, active = commands(a, 3, tmp_path / "root", ["--trainer.max_epochs", "1"], active_in_eval=True)
-    assert fit[3] == "fit" and "--ckpt_path" not in fit  # nothing to resume yet
+    assert fit[0] == "fit" and "--ckpt_path" not in fit  # nothing to resume yet
     assert fit[fit.index("--seed_everything") + 1] == "3" and "--trainer.max_epochs" in fit
     assert json.loads(test[test.index("--trainer.logger") + 1])["init_args"]["sub_dir"] == "test"
     assert "--trainer.callbacks+=maxdrop.callbacks.MaxDropoutActiveInEval" in active
@@ -79,3 +81,19 @@ def test_grid_runs_skips_resumes_and_feeds_the_report(tmp_path, grid_configs, mo
     assert rows["maxdropout"]["dropped fraction, last epoch"].startswith("stage1 ")
     assert rows["maxdropout"]["test error %, MaxDropout on in eval"] != "-"
     assert "Unfinished" not in text
+
+
+@pytest.mark.slow
+def test_a_ddp_pair_runs_fit_and_both_test_passes_on_two_ranks(tmp_path, grid_configs, monkeypatch):
+    """The pair's commands share one process per rank: the launcher's second rank re-runs the sequence and
+    follows the parent through fit and both test passes (a rank left behind would hang the test pass)."""
+    monkeypatch.setattr(sys, "argv", ["maxdrop"])
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    root = tmp_path / "study"
+    args = [str(grid_configs[1]), "--seeds", "0", "--root", str(root), "--active-in-eval"]
+    assert main([*args, "--", "--trainer.strategy", "ddp", "--trainer.devices", "2"]) == 0
+    run = root / "maxdropout" / "seed_0"
+    assert (run / "finished.json").exists()
+    for sub in ("test", "test_active_in_eval"):
+        tags = EventAccumulator(str(next((run / sub).glob("events.out.tfevents.*")))).Reload().Tags()["scalars"]
+        assert "test/error" in tags, (sub, tags)
