@@ -121,11 +121,12 @@ def test_pruning_stops_a_trial_early(tmp_path, space):
     root = tmp_path / "tune"
     # ThresholdPruner(upper=-1): any validation error is above it, so the trial is pruned at its first epoch.
     out, _ = _tune(
-        space, root, "--trials", "1", "--pruner", "threshold:-1", "--", "--trainer.max_epochs", "3"
+        space, root, "--trials", "1", "--pruner", "threshold:-1", "--test", "--", "--trainer.max_epochs", "3"
     ).communicate(timeout=600)
     assert "trial 0 pruned at epoch 0" in out, out
     (trial,) = _load(root).get_trials()
     assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [0]
     objective = json.loads((Path(trial.user_attrs["run_dir"]) / "objective.json").read_text())
     assert objective["pruned"] and objective["step"] == 0  # stopped after 1 of 3 epochs
+    assert not (Path(trial.user_attrs["run_dir"]) / "test").exists()  # --test skips a pruned trial
     assert not (root / "tiny" / "best.yaml").exists()  # no trial completed

@@ -24,6 +24,8 @@ from maxdrop.callbacks import SparsityMonitor, load_sparsity_summary
 from tests.helpers.monitoring import CHANNELS, TinyBackbone, TinyModule, default_slots, read_events
 
 EPOCHS, BATCHES, VAL_BATCHES, BATCH = 2, 3, 2, 8
+# One worker for the module: its 2-process run (a module fixture) is then launched once, not once per worker.
+pytestmark = pytest.mark.xdist_group("sparsity_ddp")
 SLOTS = ("stage1", "stage2", "head", "aux")
 
 
