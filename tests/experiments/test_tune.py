@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from maxdrop.cli import main as maxdrop_main
 from maxdrop.experiments.tune import main
 from maxdrop.experiments.tune_space import load_space
 from tests.helpers.data import tiny_run_config
@@ -59,7 +60,7 @@ def test_bad_space_and_arguments(tmp_path, space, capsys):
 
 
 @pytest.mark.slow
-def test_tune_runs_trials_resumes_after_a_kill_and_writes_the_best_config(tmp_path, space):
+def test_tune_runs_trials_resumes_after_a_kill_and_writes_the_best_config(tmp_path, space, capsys):
     root = tmp_path / "tune"
     args = ("--trials", "3", "--pruner", "none", "--test", "--", "--trainer.max_epochs", "1")
     # Killed (the tuner and its fit) while trial 1 runs; trial 0 is finished by then.
@@ -94,11 +95,10 @@ def test_tune_runs_trials_resumes_after_a_kill_and_writes_the_best_config(tmp_pa
 
     best = _load(root).best_trial
     text = (root / "tiny" / "best.yaml").read_text()
-    printed = subprocess.run(
-        [sys.executable, "-m", "maxdrop", "fit", "--config", str(root / "tiny" / "best.yaml"), "--print_config"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    resolved = yaml.safe_load(printed)
+    with pytest.raises(SystemExit) as printed:
+        maxdrop_main(["fit", "--config", str(root / "tiny" / "best.yaml"), "--print_config"])
+    assert printed.value.code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
     assert (
         resolved["model"]["init_args"]["backbone"]["init_args"]["slots"]["stage1"]["init_args"]["p"] == best.params["p"]
     )
