@@ -12,7 +12,7 @@ import inspect
 import random
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -94,6 +94,18 @@ def _from_spec(spec: Any, what: str) -> Callable[..., Any]:
         reason = err.__cause__ or err
         raise ValueError(f"{what}: cannot import class_path {spec['class_path']!r} ({reason})") from err
     return partial(cls, **spec.get("init_args", {}))
+
+
+class BackboneFactory(Protocol):
+    """What ``backbone`` is: builds the network from the data's class count, ``factory(num_classes=...)``.
+
+    A protocol rather than ``Callable[[int], nn.Module]``: jsonargparse then leaves out the class's
+    ``num_classes`` parameter *by name*, so any backbone class with that keyword parses into a namespace,
+    WithSlots (whose first parameter is ``model``) included, and one argument of it can be overridden
+    on the command line (``--model.init_args.backbone.init_args.slots={}``: no layers).
+    """
+
+    def __call__(self, num_classes: int) -> nn.Module: ...
 
 
 def _factory_class(factory: Callable[..., Any]) -> type | None:
@@ -219,7 +231,7 @@ class ClassificationModule(LightningModule):
 
     def __init__(
         self,
-        backbone: Callable[[int], nn.Module] | dict[str, Any] = ResNet18,
+        backbone: BackboneFactory | dict[str, Any] = ResNet18,
         num_classes: int = 10,
         label_smoothing: float = 0.0,
         optimizer: OptimizerCallable = PAPER_OPTIMIZER,

@@ -87,6 +87,22 @@ def test_any_config_trains_and_the_monitor_counts_every_drop(config, tiny_tree):
     assert hp["backbone/model"] == type(cli.model.backbone.model).__name__ in ("ResNet", "VisionTransformer")
 
 
+@pytest.mark.parametrize(
+    "config", ["resnet18_torchvision_maxdropout.yaml", "vit_tiny_topk_dropout.yaml", "resnet10t_timm_maxdropout.yaml"]
+)
+def test_the_baseline_without_layers_is_one_command_line_override(config, tiny_tree):
+    # The comparison a user runs first: the same config with its slots emptied from the command line.
+    pytest.importorskip("timm")
+    base = ["--config", str(ANY / config), f"--data.init_args.data_dir={tiny_tree}", *TINY]
+    with_layers = MaxdropCLI(args=base, run=False).model.backbone
+    without = MaxdropCLI(args=[*base, "--model.init_args.backbone.init_args.slots={}"], run=False).model.backbone
+    assert with_layers.dropout_slots() and not without.dropout_slots()
+    # Everything else of the backbone is kept: the same wrapped network, parameter for parameter.
+    assert without.model_name == with_layers.model_name
+    shapes = {n: p.shape for n, p in without.model.named_parameters()}
+    assert shapes == {n: p.shape for n, p in with_layers.model.named_parameters()}
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:SparsityMonitor.*no backbone with a dropout_slots:UserWarning")  # no slots here
 def test_plain_torchvision_class_path_trains_and_reloads(tiny_tree, tmp_path):
